@@ -1,0 +1,181 @@
+"""The configuration model: frozen dataclasses built once from a validated document.
+
+`fluxgate.validation` decides whether a parsed YAML document is acceptable;
+this module turns an accepted document into a `Config` whose lookup tables
+(static keys by digest, JWT keys by id, routes ordered for longest-prefix
+matching) are computed here, once, so the request path only reads them.
+A worker swaps one `Config` object for another; nothing in it is mutated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_REQUEST_TIMEOUT_MS = 120_000
+DEFAULT_AUTH_HEADER = "authorization"
+
+# Keys of the `upstreams:` mapping that are settings, not upstream names.
+UPSTREAM_SETTINGS = frozenset({"request_timeout_ms"})
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    bind_address: str
+    host: str
+    port: int
+    max_connections: int
+    workers: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    request_path: str
+    target_url: str
+    api_key: str | None = field(repr=False)
+    auth_header: str
+    # Precomputed for the request path:
+    prefix: bytes  # request_path without a trailing "/" ("" for "/"), matched on raw bytes
+    origin: str  # scheme://host[:port], what the HTTP client connects to
+    base_path: bytes  # target_url path without its trailing "/"
+    host_item: tuple[str, str]  # ("host", authority): port only when non-default
+    credential: tuple[str, str] | None = field(repr=False)  # header set upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a credential is: its id for logs and the routes it may use."""
+
+    key_id: str | None
+    routes: tuple[Upstream, ...]  # longest prefix first
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSettings
+    request_timeout_ms: int
+    upstreams: tuple[Upstream, ...]
+    # sha256(key) -> Principal: a hash lookup, so no byte-by-byte comparison
+    # of the presented token against a secret can leak timing.
+    static_keys: Mapping[bytes, Principal] = field(repr=False)
+    jwt_keys: Mapping[str, bytes] = field(repr=False)  # kid -> HS256 secret
+    jwt_principals: Mapping[str, Principal] = field(repr=False)  # kid -> Principal
+    generation: int = 0
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.static_keys or self.jwt_keys)
+
+
+def key_digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+def split_bind_address(value: str) -> tuple[str, int]:
+    """Split "host:port" / "[v6]:port"; raises ValueError when malformed."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("IPv6 addresses take the form [addr]:port")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected host:port with a port from 1 to 65535")
+    return host, int(port)
+
+
+def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
+    target_url: str = doc["target_url"]
+    parts = urlsplit(target_url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    host_text = f"[{host}]" if ":" in host else host
+    port = parts.port
+    default_port = _DEFAULT_PORTS[scheme]
+    authority = host_text if port in (None, default_port) else f"{host_text}:{port}"
+    api_key: str | None = doc.get("api_key")
+    auth_header: str = doc.get("auth_header", DEFAULT_AUTH_HEADER).lower()
+    credential: tuple[str, str] | None = None
+    if api_key is not None:
+        value = f"Bearer {api_key}" if auth_header == "authorization" else api_key
+        credential = (auth_header, value)
+    request_path: str = doc["request_path"]
+    return Upstream(
+        name=name,
+        request_path=request_path,
+        target_url=target_url,
+        api_key=api_key,
+        auth_header=auth_header,
+        prefix=request_path.rstrip("/").encode(),
+        origin=f"{scheme}://{host_text}:{port or default_port}",
+        base_path=parts.path.rstrip("/").encode(),
+        host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
+        credential=credential,
+    )
+
+
+def _by_longest_prefix(upstreams: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+    return tuple(sorted(upstreams, key=lambda u: len(u.prefix), reverse=True))
+
+
+def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
+    """Build a `Config` from a document that `fluxgate.validation` accepted."""
+    server_doc = doc.get("server") or {}
+    bind_address = server_doc.get("bind_address", DEFAULT_BIND_ADDRESS)
+    host, port = split_bind_address(bind_address)
+    server = ServerSettings(
+        bind_address=bind_address,
+        host=host,
+        port=port,
+        max_connections=server_doc.get("max_connections", DEFAULT_MAX_CONNECTIONS),
+        workers=server_doc.get("workers"),
+    )
+    upstreams_doc = doc.get("upstreams") or {}
+    upstreams = tuple(
+        _build_upstream(name, spec)
+        for name, spec in upstreams_doc.items()
+        if name not in UPSTREAM_SETTINGS
+    )
+    by_name = {u.name: u for u in upstreams}
+    all_routes = _by_longest_prefix(upstreams)
+
+    keys_doc = doc.get("api_keys") or {}
+    static_keys: dict[bytes, Principal] = {}
+    for entry in keys_doc.get("static") or ():
+        allowed = entry.get("upstreams") or ()
+        routes = _by_longest_prefix(tuple(by_name[n] for n in allowed)) if allowed else all_routes
+        static_keys[key_digest(entry["key"].encode())] = Principal(entry.get("id"), routes)
+    jwt_keys: dict[str, bytes] = {}
+    jwt_principals: dict[str, Principal] = {}
+    for entry in keys_doc.get("jwt") or ():
+        jwt_keys[entry["id"]] = entry["key"].encode()
+        jwt_principals[entry["id"]] = Principal(entry["id"], all_routes)
+
+    return Config(
+        server=server,
+        request_timeout_ms=upstreams_doc.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS),
+        upstreams=upstreams,
+        static_keys=MappingProxyType(static_keys),
+        jwt_keys=MappingProxyType(jwt_keys),
+        jwt_principals=MappingProxyType(jwt_principals),
+        generation=generation,
+    )
+
+
+DEFAULT_DOC: Mapping[str, Any] = MappingProxyType({"version": 1})
+
+
+def default_config(generation: int = 0) -> Config:
+    """The safe defaults used when the file is missing or invalid at start."""
+    return build_config(DEFAULT_DOC, generation)

@@ -1,0 +1,67 @@
+"""Header rewriting between client and upstream (SPEC §4.7, §4.9).
+
+Everything passes through in order, duplicates kept, except hop-by-hop
+headers (and those a `Connection` header names), the client's credential
+headers, `Host` and `Expect`, which the proxy replaces or consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .auth import CREDENTIAL_HEADERS
+from .config import Upstream
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# `Host` is set from the target URL; `Expect: 100-continue` is answered by
+# uvicorn itself, and forwarding it would make the client library wait for
+# a second 100 from the upstream.
+_DROP_UPSTREAM: Final = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"host", b"expect"}
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def upstream_headers(
+    headers: list[tuple[bytes, bytes]], upstream: Upstream
+) -> list[tuple[str, str]]:
+    """Request headers for the upstream, from the client's (names lower-case).
+
+    aiohttp takes `str` pairs; latin-1 maps every byte to one code point and
+    back, so values the client sent in any 8-bit form go up unchanged.
+    """
+    drop = _DROP_UPSTREAM
+    if any(name == b"connection" for name, _ in headers):
+        drop = drop | _connection_tokens(headers)
+    out = [upstream.host_item]
+    out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n not in drop]
+    if upstream.credential is not None:
+        out.append(upstream.credential)
+    return out
+
+
+def client_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """Response headers for the client, from the upstream's (names as sent)."""
+    lowered = [(name.lower(), value) for name, value in raw_headers]
+    drop = HOP_BY_HOP
+    if any(name == b"connection" for name, _ in lowered):
+        drop = drop | _connection_tokens(lowered)
+    return [item for item in lowered if item[0] not in drop]

@@ -1,0 +1,149 @@
+"""Logging: the TRACE level, text and JSON formats, and the per-request line.
+
+Only three environment variables shape logging (SPEC §5): FLUXGATE_LOG (level),
+FLUXGATE_LOG_STYLE (colour) and FLUXGATE_LOG_FORMAT (text or json). Every
+Fluxgate logger lives under "fluxgate"; gunicorn's and uvicorn's error loggers
+are given the same handler so an operator reads one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Final, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+TRACE: Final = 5
+logging.addLevelName(TRACE, "TRACE")
+
+LEVELS: Final = {
+    "TRACE": TRACE,
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARN": logging.WARNING,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
+DEFAULT_LEVEL: Final = "TRACE"
+
+_COLOURS: Final = {
+    "TRACE": "\x1b[2m",
+    "DEBUG": "\x1b[36m",
+    "INFO": "\x1b[32m",
+    "WARNING": "\x1b[33m",
+    "ERROR": "\x1b[31m",
+    "CRITICAL": "\x1b[1;31m",
+}
+_RESET: Final = "\x1b[0m"
+
+request_log = logging.getLogger("fluxgate.request")
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """`LEVEL timestamp message key=value…`, with no module-path prefix."""
+
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self.colour = colour
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        ms = int(record.msecs)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname
+        if level == "WARNING":
+            level = "WARN"
+        if self.colour:
+            level = _COLOURS.get(record.levelname, "") + f"{level:<5}" + _RESET
+        else:
+            level = f"{level:<5}"
+        parts = [level, self.formatTime(record), record.getMessage()]
+        fields: Mapping[str, Any] | None = getattr(record, "fields", None)
+        if fields:
+            parts.extend(f"{k}={_text_value(v)}" for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class FieldsJsonFormatter(JsonFormatter):
+    """One JSON object per line; a record's `fields` become top-level keys."""
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        fields = log_data.pop("fields", None)
+        if fields:
+            log_data.update(fields)
+        log_data["level"] = "WARN" if record.levelname == "WARNING" else record.levelname
+        log_data["timestamp"] = TextFormatter.formatTime(self, record)  # type: ignore[arg-type]
+
+
+def parse_level(value: str | None) -> int:
+    if not value:
+        return LEVELS[DEFAULT_LEVEL]
+    return LEVELS.get(value.strip().upper(), LEVELS[DEFAULT_LEVEL])
+
+
+def make_handler(env: Mapping[str, str] | None = None, stream: TextIO | None = None) -> logging.Handler:
+    env = os.environ if env is None else env
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    if env.get("FLUXGATE_LOG_FORMAT", "text").strip().lower() == "json":
+        handler.setFormatter(FieldsJsonFormatter(reserved_attrs=[*_RESERVED, "color_message"]))
+    else:
+        style = env.get("FLUXGATE_LOG_STYLE", "auto").strip().lower()
+        colour = style == "always" or (style == "auto" and stream.isatty())
+        handler.setFormatter(TextFormatter(colour))
+    return handler
+
+
+# LogRecord attributes that are not user fields (python-json-logger would
+# otherwise copy every one of them into the JSON object).
+_RESERVED: Final = [
+    "args", "asctime", "created", "exc_info", "exc_text", "filename", "funcName",
+    "levelname", "levelno", "lineno", "module", "msecs", "message", "msg", "name",
+    "pathname", "process", "processName", "relativeCreated", "stack_info", "thread",
+    "threadName", "taskName",
+]  # fmt: skip
+
+
+def configure_logging(env: Mapping[str, str] | None = None) -> logging.Handler:
+    """Install one handler on the loggers Fluxgate and its libraries write to."""
+    env = os.environ if env is None else env
+    level = parse_level(env.get("FLUXGATE_LOG"))
+    handler = make_handler(env)
+    for name in ("fluxgate", "gunicorn.error", "uvicorn.error", "supervisor"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    # The libraries' DEBUG/TRACE output is per-connection chatter and config
+    # dumps (and at TRACE uvicorn wraps the app in a message-logging
+    # middleware): their loggers stay at INFO or above.
+    for name in ("gunicorn.error", "uvicorn.error"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
+    # uvicorn's access log would duplicate our request line.
+    logging.getLogger("uvicorn.access").disabled = True
+    return handler
+
+
+def log_fields(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
+    """Log `message` with key=value fields, omitting the ones that are None."""
+    if logger.isEnabledFor(level):
+        clean = {k: v for k, v in fields.items() if v is not None}
+        logger.log(level, message, extra={"fields": clean})

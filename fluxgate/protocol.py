@@ -1,0 +1,175 @@
+"""uvicorn's httptools protocol, hardened for a gateway (SPEC §4.1–4.4).
+
+uvicorn leaves several doors open that a proxy must close (STACK-NOTES):
+no deadline for a request head, no cap on its size, HTTP/1.0 and 0.9
+accepted, CONNECT answered 400, Upgrade requests passed on, a missing or
+doubled Host accepted, and the header list shared with later trailers. This
+subclass answers each with a complete JSON error response and closes the
+connection before the application ever sees the request. It also admits
+connections against the server-wide limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import raw_error_response
+from .limits import ConnectionGate
+from .logs import TRACE, log_fields, request_log
+from .proxy import TARGET_SCOPE_KEY
+
+HEAD_TIMEOUT: Final = 15.0  # seconds from connection or message start to a full head
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_HEADERS: Final = 200
+
+log = logging.getLogger("fluxgate.protocol")
+
+
+class _Rejected(Exception):
+    """Stops the parser once a rejection response has been written."""
+
+
+class FluxgateProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, gate: ConnectionGate | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+        self._admitted = False
+        self._rejected = False
+        self._awaiting_head = True
+        self._head_bytes = 0  # raw bytes received while the head is incomplete
+        self._head_size = 0  # bytes of request line and headers parsed so far
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    # Connection lifecycle
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Over the limit, the connection is still read so that its request
+        # gets a real 503 rather than a silent close.
+        self._admitted = self.gate is None or self.gate.acquire()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted and self.gate is not None:
+            self.gate.release()
+            self._admitted = False
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._unset_keepalive_if_required()
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # on_headers_complete has already refused it
+        except httptools.HttpParserError as exc:
+            if not self._rejected:
+                self._reject(400, "bad_request", "malformed HTTP request", warn=str(exc))
+            return
+        if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._reject_head_too_large()
+
+    # Head deadline
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self._rejected:
+            return
+        if self._head_bytes == 0 and self.cycle is not None:
+            self.transport.close()  # an idle keep-alive connection: nothing to answer
+            return
+        self._reject(408, "request_timeout", "request head not received in time",
+                     warn="request head timeout")  # fmt: skip
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._head_size = 0
+        self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD_BYTES:
+            raise self._reject_head_too_large()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADERS:
+            raise self._reject_head_too_large()
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        parser = self.parser
+        if not self._admitted:
+            raise self._reject(503, "over_capacity", "the server is at its connection limit",
+                         warn="connection limit reached")  # fmt: skip
+        if parser.get_http_version() != "1.1":
+            raise self._reject(505, "http_version_not_supported", "only HTTP/1.1 is served")
+        if parser.get_method() == b"CONNECT" or any(n == b"upgrade" for n, _ in self.headers):
+            raise self._reject(501, "not_implemented", "CONNECT and protocol upgrades are not supported")
+        if not self.url.startswith(b"/"):
+            raise self._reject(400, "bad_request", "request target must be a path",
+                         warn="absolute-form or asterisk request target")  # fmt: skip
+        if sum(1 for n, _ in self.headers if n == b"host") != 1:
+            raise self._reject(400, "bad_request", "exactly one Host header is required",
+                         warn="missing or repeated Host header")  # fmt: skip
+        # uvicorn appends chunked trailers to this same list later: copy it.
+        self.scope["headers"] = list(self.headers)
+        self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[literal-required]
+        super().on_headers_complete()
+
+    # Rejections
+
+    def _reject_head_too_large(self) -> _Rejected:
+        return self._reject(431, "request_header_fields_too_large", "request head too large",
+                     warn="request head over the size limit")  # fmt: skip
+
+    def _reject(
+        self, status: int, error_type: str, message: str, warn: str | None = None
+    ) -> _Rejected:
+        """Answer with a JSON error and close the connection.
+
+        Returns the exception a parser callback raises to stop parsing.
+        """
+        self._rejected = True
+        self._cancel_head_timer()
+        client = self.client[0] if self.client else None
+        url: bytes = getattr(self, "url", b"")
+        if warn is not None:
+            log_fields(log, logging.WARNING, "request rejected", client_ip=client,
+                       status=status, reason=warn)  # fmt: skip
+        if request_log.isEnabledFor(TRACE):
+            method = self.scope.get("method") if self.scope else None
+            if method is None and self._awaiting_head is False:
+                method = self.parser.get_method().decode("latin-1")
+            log_fields(request_log, TRACE, "request", client_ip=client, method=method,
+                       request_url=url.decode("latin-1") if url else None,
+                       status=status, outcome=error_type, duration_ms=0)  # fmt: skip
+        if not self.transport.is_closing():
+            self.transport.write(raw_error_response(status, error_type, message))
+            self.transport.close()
+        return _Rejected()

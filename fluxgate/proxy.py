@@ -1,0 +1,290 @@
+"""The proxy: a raw ASGI application that authenticates, routes and relays one exchange.
+
+SPEC §4.5–4.11. The request body is streamed up as the client sends it and
+the response streamed down chunk by chunk as it arrives; nothing is buffered
+beyond one chunk. Once the request body is read, a watcher task waits on
+`receive()` for the client to go away and cancels the exchange at once, so an
+abandoned generation stops even while the upstream is silent.
+
+`ProxyApp.config` is the only mutable attribute: the worker replaces it with
+a new immutable `Config` on reload, and each request reads it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import aiohttp
+from yarl import URL
+
+from .auth import AuthError, authenticate
+from .config import Config, Upstream, default_config
+from .errors import ProxyError, StreamAborted, error_body, error_headers
+from .headers import client_headers, upstream_headers
+from .logs import TRACE, log_fields, request_log
+from .routing import match, upstream_target
+from .upstream import UPSTREAM_TIMEOUT, create_session, upstream_failure
+
+HEALTH_PATH: Final = b"/_fluxgate/health"
+# Key under which the protocol layer puts the request-target exactly as received.
+TARGET_SCOPE_KEY: Final = "fluxgate.target"
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+_NOT_FOUND = ProxyError(404, "not_found", "no upstream matches this path", "no_route")
+
+
+class Exchange:
+    """What one request did, for its log line."""
+
+    __slots__ = (
+        "client_gone", "finished", "key_id", "outcome", "request_bytes", "response_bytes",
+        "response_length", "response_started", "status", "target_url", "ttfb_ms", "upstream",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.outcome = "ok"
+        self.key_id: str | None = None
+        self.upstream: str | None = None
+        self.target_url: str | None = None
+        self.ttfb_ms: float | None = None
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.response_started = False
+        self.client_gone = False
+        self.finished = False
+        self.response_length: int | None = None
+
+
+def _content_length(headers: list[tuple[bytes, bytes]], name: bytes) -> int | None:
+    for key, value in headers:
+        if key == name:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value != b"0"
+    return False
+
+
+class ProxyApp:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or default_config()
+        self.session: aiohttp.ClientSession | None = None
+        self.pid = os.getpid()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.session = create_session()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.session is not None:
+                    await self.session.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        started = time.monotonic()
+        config = self.config
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        target: bytes = scope.get(TARGET_SCOPE_KEY) or _rebuild_target(scope)
+        path = target.partition(b"?")[0]
+        ex = Exchange()
+        try:
+            if path == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
+                await self._health(config, send, ex)
+                return
+            try:
+                principal = authenticate(config, headers)
+            except AuthError as exc:
+                raise ProxyError(401, "unauthorized", str(exc), "unauthorized") from None
+            ex.key_id = principal.key_id
+            upstream = match(principal.routes, path)
+            if upstream is None:
+                raise _NOT_FOUND
+            await self._forward(config, upstream, scope, target, receive, send, ex)
+        except ProxyError as err:
+            ex.status, ex.outcome = err.status, err.outcome
+            if not ex.client_gone:
+                await _send_error(send, err)
+        finally:
+            if request_log.isEnabledFor(TRACE):
+                _log_request(scope, target, headers, ex, started)
+
+    async def _health(self, config: Config, send: Any, ex: Exchange) -> None:
+        body = json.dumps(
+            {"status": "ok", "generation": config.generation, "pid": self.pid}
+        ).encode()
+        ex.status = 200
+        ex.outcome = "health"
+        await send({"type": "http.response.start", "status": 200, "headers": error_headers(body)})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _forward(
+        self,
+        config: Config,
+        upstream: Upstream,
+        scope: Scope,
+        target: bytes,
+        receive: Any,
+        send: Any,
+        ex: Exchange,
+    ) -> None:
+        assert self.session is not None, "lifespan startup creates the session"
+        ex.upstream = upstream.name
+        url = upstream.origin + upstream_target(upstream, target).decode("latin-1")
+        ex.target_url = url
+        headers = upstream_headers(scope["headers"], upstream)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher: asyncio.Task[None] | None = None
+
+        def watch() -> None:
+            nonlocal watcher
+            if ex.finished:  # the upstream answered before the body was all read
+                return
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
+
+        body = _request_body(receive, ex, watch) if _has_body(scope["headers"]) else None
+        if body is None:
+            watch()
+        sent = time.monotonic()
+        response: aiohttp.ClientResponse | None = None
+        complete = False
+        try:
+            async with asyncio.timeout(config.request_timeout_ms / 1000):
+                try:
+                    response = await self.session.request(
+                        scope["method"],
+                        URL(url, encoded=True),
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                    )
+                except (aiohttp.ClientError, OSError) as exc:
+                    if ex.client_gone:
+                        raise asyncio.CancelledError from None
+                    raise upstream_failure(exc) from None
+                ex.ttfb_ms = (time.monotonic() - sent) * 1000
+                ex.status = response.status
+                ex.response_length = response.content_length
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status,
+                        "headers": client_headers(response.raw_headers),
+                    }
+                )
+                ex.response_started = True
+                try:
+                    async for chunk in response.content.iter_any():
+                        ex.response_bytes += len(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except (aiohttp.ClientError, OSError):
+                    ex.outcome = "upstream_body_error"
+                    raise StreamAborted from None
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                complete = True
+        except TimeoutError:
+            if not ex.response_started:
+                raise UPSTREAM_TIMEOUT from None
+            ex.outcome = "upstream_timeout"
+            raise StreamAborted from None
+        except asyncio.CancelledError:
+            if not ex.client_gone:
+                raise
+            task.uncancel()
+            ex.outcome = "client_disconnected"
+            if not ex.response_started:
+                ex.status = 499  # nginx's convention: the client closed the request
+        finally:
+            ex.finished = True
+            if watcher is not None:
+                watcher.cancel()
+            if response is not None:
+                if complete:
+                    response.release()
+                else:
+                    # Abort, never reuse: an unfinished upstream exchange must stop now.
+                    response.close()
+
+
+async def _request_body(receive: Any, ex: Exchange, on_done: Any) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.client_gone = True
+            raise ConnectionResetError("client went away during the request body")
+        chunk = message.get("body", b"")
+        if chunk:
+            ex.request_bytes += len(chunk)
+            yield chunk
+        if not message.get("more_body", False):
+            on_done()
+            return
+
+
+async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], ex: Exchange) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+    ex.client_gone = True
+    task.cancel()
+
+
+async def _send_error(send: Any, err: ProxyError) -> None:
+    body = error_body(err.error_type, err.message)
+    await send({"type": "http.response.start", "status": err.status, "headers": error_headers(body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _rebuild_target(scope: Scope) -> bytes:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
+    return raw + b"?" + query if query else raw
+
+
+def _log_request(
+    scope: Scope, target: bytes, headers: list[tuple[bytes, bytes]], ex: Exchange, started: float
+) -> None:
+    client = scope.get("client")
+    log_fields(
+        request_log,
+        TRACE,
+        "request",
+        client_ip=client[0] if client else None,
+        method=scope["method"],
+        request_url=target.decode("latin-1"),
+        request_body_length=_content_length(headers, b"content-length"),
+        api_key=ex.key_id,
+        upstream=ex.upstream,
+        target_url=ex.target_url,
+        status=ex.status,
+        outcome=ex.outcome,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+        ttfb_ms=None if ex.ttfb_ms is None else round(ex.ttfb_ms, 3),
+        request_bytes=ex.request_bytes,
+        response_bytes=ex.response_bytes,
+        response_body_length=ex.response_length,
+    )

@@ -1,0 +1,156 @@
+"""The worker process: a gunicorn `Worker` running uvicorn (uvloop + httptools) on the shared socket.
+
+Written instead of using uvicorn-worker because of what STACK-NOTES measured:
+its SIGHUP default kills a worker that is still booting, its quit handling
+does not stop uvicorn, and a worker draining outside a full shutdown stops
+sending heartbeats and is killed by the master's watchdog mid-stream. Here:
+
+- SIGHUP is ignored from fork until the loop's handler exists, and the
+  published config is re-read once after that so an early HUP is not lost;
+- a config reload swaps one immutable `Config` on the app, between requests;
+- a heartbeat task runs for the whole life of the process, drain included,
+  and also re-checks the snapshot once a second in case a signal was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+from typing import Any, Protocol
+
+import uvicorn
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
+from setproctitle import setproctitle
+
+from .config import Config, build_config
+from .limits import ConnectionGate, ConnectionTable
+from .logs import configure_logging
+from .protocol import FluxgateProtocol
+from .proxy import ProxyApp
+from .snapshot import read_snapshot, snapshot_mtime
+
+log = logging.getLogger("fluxgate.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+KEEPALIVE_TIMEOUT = 15  # seconds an idle client connection is kept open
+
+
+class WorkerContext(Protocol):
+    """What the master's application object hands to every forked worker."""
+
+    snapshot_path: str
+    connection_table: ConnectionTable
+    next_slot: int
+    current_config: Config
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal capture: the worker owns signals.
+
+    uvicorn re-raises a captured SIGTERM after shutting down, which would end
+    every clean worker exit as "killed by SIGTERM" in the master's log.
+    """
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    def capture_signals(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class FluxgateWorker(Worker):
+    def init_signals(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        # Until the event loop's handler exists, a reload signal must not kill us.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+
+    def load_wsgi(self) -> None:
+        ctx: WorkerContext = self.app
+        configure_logging()
+        config = ctx.current_config
+        self.snapshot_path = ctx.snapshot_path
+        self.slot = ctx.next_slot
+        self.gate = ConnectionGate(ctx.connection_table, self.slot, config.server.max_connections)
+        self.proxy = ProxyApp(config)
+        self._snapshot_mtime = 0
+        self._set_title()
+
+    def run(self) -> None:
+        import uvloop
+
+        uvloop.run(self._serve())
+
+    async def _serve(self) -> None:
+        config = self.proxy.config
+        uv_config = uvicorn.Config(
+            self.proxy,
+            http=functools.partial(FluxgateProtocol, gate=self.gate),  # type: ignore[arg-type]
+            loop="none",
+            ws="none",
+            lifespan="on",
+            server_header=False,
+            date_header=False,
+            access_log=False,
+            proxy_headers=False,
+            log_config=None,
+            timeout_keep_alive=KEEPALIVE_TIMEOUT,
+            timeout_graceful_shutdown=config.request_timeout_ms / 1000,
+        )
+        self.server = server = _Server(uv_config)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, server.handle_exit, sig, None)
+        heartbeat = asyncio.ensure_future(self._heartbeat())
+        # A HUP sent between fork and the handler above was ignored: catch up.
+        self.reload_config()
+        try:
+            await server.serve(sockets=[s.sock for s in self.sockets])
+        finally:
+            heartbeat.cancel()
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.notify()
+            if os.getppid() != self.ppid:
+                log.warning("master (pid %s) is gone: shutting down", self.ppid)
+                self.server.should_exit = True
+            if snapshot_mtime(self.snapshot_path) != self._snapshot_mtime:
+                self.reload_config()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def reload_config(self) -> None:
+        """Apply the published generation if it is newer than ours."""
+        self._snapshot_mtime = snapshot_mtime(self.snapshot_path)
+        try:
+            snapshot = read_snapshot(self.snapshot_path)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cannot read the published config: %s", exc)
+            return
+        if snapshot.generation <= self.proxy.config.generation:
+            return
+        try:
+            config = build_config(snapshot.doc, snapshot.generation)
+        except Exception:  # the master validated it; never let a surprise kill us
+            log.exception("published config generation %d could not be built", snapshot.generation)
+            return
+        self.proxy.config = config
+        self.gate.limit = config.server.max_connections
+        self.server.config.timeout_graceful_shutdown = config.request_timeout_ms / 1000
+        self._set_title()
+        log.debug("worker applied config generation %d", config.generation)
+
+    def _set_title(self) -> None:
+        setproctitle(f"fluxgate: worker {self.age} [gen {self.proxy.config.generation}]")

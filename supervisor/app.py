@@ -1,0 +1,116 @@
+"""`fluxgate-supervisor start`: the gunicorn application that the master runs.
+
+gunicorn's own settings come from code here, then from an optional
+`gunicorn.conf.py` in the working directory (gunicorn's usual place for it),
+for process-level tuning only. What the YAML owns — the bind address and the
+worker count — is never taken from there, and the YAML is never parsed inside
+gunicorn's config loading, where an error would `sys.exit` the master.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
+
+from fluxgate.config import Config
+from fluxgate.limits import ConnectionTable
+from fluxgate.logs import configure_logging
+
+from .publisher import ConfigPublisher
+
+log = logging.getLogger("fluxgate.supervisor")
+
+GUNICORN_CONF = "gunicorn.conf.py"
+YAML_OWNED = frozenset({"bind", "workers"})
+SHUTDOWN_MARGIN = 5  # seconds the master waits beyond a worker's own drain bound
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's messages in Fluxgate's format, on the same handler; no access log."""
+
+    def setup(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._access_log_enabled = False
+        configure_logging()
+        self.access_log.disabled = True
+
+
+class FluxgateApplication(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config_path: str, workers: int | None, pid_file: str | None) -> None:
+        self.workers_override = workers
+        self.pid_file = pid_file
+        runtime_base = os.environ.get("RUNTIME_DIRECTORY") or None
+        self.runtime_dir = tempfile.mkdtemp(prefix="fluxgate-", dir=runtime_base)
+        self.publisher = ConfigPublisher(config_path, self.runtime_dir)
+        # Read by every worker after fork (see fluxgate.worker.WorkerContext).
+        self.current_config: Config = self.publisher.load_initial()
+        self.snapshot_path = self.publisher.snapshot_path
+        self.connection_table = ConnectionTable()
+        self.next_slot = 0
+        super().__init__(usage=None, prog="fluxgate-supervisor")
+
+    def worker_count(self, config: Config) -> int:
+        return self.workers_override or config.server.workers or os.cpu_count() or 1
+
+    def graceful_timeout(self, config: Config) -> int:
+        return math.ceil(config.request_timeout_ms / 1000 + SHUTDOWN_MARGIN)
+
+    def load_config(self) -> None:
+        config = self.current_config
+        settings: dict[str, Any] = {
+            "bind": [config.server.bind_address],
+            "workers": self.worker_count(config),
+            "worker_class": "fluxgate.worker.FluxgateWorker",
+            "graceful_timeout": self.graceful_timeout(config),
+            "timeout": 30,
+            "keepalive": 15,
+            "control_socket_disable": True,
+            "proc_name": "fluxgate",
+            "logger_class": GunicornLogger,
+            "pidfile": self.pid_file,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+        if os.path.isfile(GUNICORN_CONF):
+            self._load_overrides(GUNICORN_CONF)
+
+    def _load_overrides(self, filename: str) -> None:
+        namespace: dict[str, Any] = {"__file__": filename}
+        with open(filename) as f:
+            exec(compile(f.read(), filename, "exec"), namespace)
+        for key, value in namespace.items():
+            if key.startswith("_") or key not in self.cfg.settings:
+                continue
+            if key in YAML_OWNED:
+                log.warning("%s: %r is set in the YAML config; ignoring it here", filename, key)
+                continue
+            self.cfg.set(key, value)
+
+    def load(self) -> None:
+        """Workers build their own app (fluxgate.worker); there is nothing to import."""
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def run(config_path: str, workers: int | None = None, pid_file: str | None = None) -> int:
+    from .arbiter import FluxgateArbiter
+
+    configure_logging()
+    app = FluxgateApplication(config_path, workers, pid_file)
+    master_pid = os.getpid()
+    try:
+        FluxgateArbiter(app).run()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if os.getpid() == master_pid:
+            app.cleanup()
+    return 0

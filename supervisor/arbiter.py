@@ -1,0 +1,181 @@
+"""The master process: gunicorn's Arbiter, with in-place config reload instead of restarts.
+
+What changes from the stock Arbiter, and why (STACK-NOTES, gunicorn):
+- SIGHUP and file changes re-read the YAML through `ConfigPublisher` and
+  signal the workers to swap their config; the stock HUP would restart
+  every worker and block the master for up to the graceful timeout.
+- The inotify watcher runs in a thread and only enqueues a wake-up; the
+  file is read and validated here, in the main loop, one change at a time.
+- SIGINT shuts down as gracefully as SIGTERM, bounded by request_timeout_ms.
+- A change of `server.bind_address` binds the new address first (keeping the
+  old listener if that fails), then replaces the workers gracefully; a change
+  of `server.workers` grows or shrinks the pool.
+- systemd hears READY=1 only once workers serve, RELOADING=1 around a
+  reload and STOPPING=1 at shutdown; gunicorn's own early READY is withheld.
+- Each worker is given a slot in the shared connection table before it forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from gunicorn import sock as gsock
+from gunicorn.arbiter import Arbiter
+from setproctitle import setproctitle
+
+from fluxgate.config import Config
+from fluxgate.logs import log_fields
+from fluxgate.worker import HEARTBEAT_INTERVAL
+
+from . import sdnotify
+from .watcher import ConfigWatcher
+
+log = logging.getLogger("fluxgate.supervisor")
+
+# A queue entry that is not a signal: the watcher saw the file change.
+CONFIG_EVENT = signal.NSIG + 1
+
+
+class FluxgateArbiter(Arbiter):
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.publisher = app.publisher
+        self.watcher = ConfigWatcher(self.publisher.path, self._on_file_event)
+        self._ready_sent = False
+        self._spawned_at: dict[int, float] = {}
+
+    # Start and stop
+
+    def start(self) -> None:
+        if not self.LISTENERS:
+            self.LISTENERS = self._bind(self.cfg.address) or []
+            if not self.LISTENERS:
+                sys.exit(1)
+        # gunicorn would send READY=1 before any worker exists, and workers
+        # must not inherit the socket.
+        sdnotify.claim_socket()
+        super().start()
+        self.watcher.start()
+        self._set_title()
+
+    def _bind(self, addresses: list[Any]) -> list[Any] | None:
+        """Listeners for `addresses`, or None (logged) when any cannot be bound."""
+        listeners = []
+        for address in addresses:
+            try:
+                listeners.append(gsock._sock_type(address)(address, self.cfg, self.log))
+            except OSError as exc:
+                log_fields(log, logging.ERROR, "cannot bind", address=_format(address),
+                           reason=exc.strerror or str(exc))  # fmt: skip
+                for listener in listeners:
+                    listener.close()
+                return None
+        return listeners
+
+    def halt(self, reason: str | None = None, exit_status: int = 0) -> None:
+        sdnotify.stopping()
+        self.watcher.stop()
+        log.info("shutting down: waiting up to %.0f s for in-flight requests",
+                 self.cfg.graceful_timeout)  # fmt: skip
+        super().halt(reason, exit_status)
+
+    def handle_int(self) -> None:
+        raise StopIteration  # graceful, like SIGTERM
+
+    # Workers
+
+    def spawn_worker(self) -> int:
+        used = {getattr(w, "slot", -1) for w in self.WORKERS.values()}
+        slot = next(i for i in range(self.app.connection_table.size) if i not in used)
+        self.app.connection_table.reset_slot(slot)
+        self.app.next_slot = slot
+        self.app.current_config = self.publisher.config
+        pid: int = super().spawn_worker()
+        self.WORKERS[pid].slot = slot
+        self._spawned_at[pid] = time.monotonic()
+        return pid
+
+    def manage_workers(self) -> None:
+        super().manage_workers()
+        if not self._ready_sent and self.WORKERS and self._all_booted():
+            self._ready_sent = True
+            sdnotify.ready()
+            log_fields(log, logging.INFO, "serving", address=_format(self.cfg.address[0]),
+                       workers=len(self.WORKERS), generation=self.publisher.generation)  # fmt: skip
+
+    def _all_booted(self) -> bool:
+        # A worker's first heartbeat comes from inside its running event loop.
+        return all(
+            w.tmp.last_update() > self._spawned_at.get(pid, 0.0) for pid, w in self.WORKERS.items()
+        )
+
+    # Config changes
+
+    def _on_file_event(self) -> None:
+        self.SIG_QUEUE.put_nowait(CONFIG_EVENT)  # called from the watcher thread
+
+    def wait_for_signals(self, timeout: float = 1.0) -> list[int]:
+        signals: list[int] = super().wait_for_signals(timeout=min(timeout, HEARTBEAT_INTERVAL))
+        if CONFIG_EVENT in signals:
+            signals = [s for s in signals if s != CONFIG_EVENT]
+            self.reload_config(forced=signal.SIGHUP in signals)
+            signals = [s for s in signals if s != signal.SIGHUP]
+        return signals
+
+    def handle_hup(self) -> None:
+        self.reload_config(forced=True)
+
+    def reload_config(self, forced: bool) -> None:
+        if forced:
+            sdnotify.reloading()
+        try:
+            applied = self.publisher.check(forced=forced)
+            if applied is not None:
+                self._apply(applied.config, applied.previous)
+        finally:
+            if forced:
+                sdnotify.ready()
+
+    def _apply(self, config: Config, previous: Config) -> None:
+        self.app.current_config = config
+        self.cfg.set("graceful_timeout", self.app.graceful_timeout(config))
+        if config.server.bind_address != previous.server.bind_address:
+            self._rebind(config)
+        workers = self.app.worker_count(config)
+        if workers != self.num_workers:
+            log_fields(log, logging.INFO, "resizing worker pool", workers=workers,
+                       previous=self.num_workers)  # fmt: skip
+            self.num_workers = workers
+        self.kill_workers(signal.SIGHUP)
+        self._set_title()
+
+    def _rebind(self, config: Config) -> None:
+        self.cfg.set("bind", [config.server.bind_address])
+        listeners = self._bind(self.cfg.address)
+        if listeners is None:
+            log_fields(log, logging.WARNING, "keeping the old listener",
+                       address=_format(self.LISTENERS[0].cfg_addr))  # fmt: skip
+            return
+        old, self.LISTENERS = self.LISTENERS, listeners
+        log_fields(log, logging.INFO, "listening", address=_format(self.cfg.address[0]))
+        # New workers serve the new socket; the old ones are retired gracefully
+        # (oldest first, by manage_workers) and finish their in-flight requests.
+        for _ in range(self.num_workers):
+            self.spawn_worker()
+        self.manage_workers()
+        for listener in old:
+            listener.close()
+
+    def _set_title(self) -> None:
+        setproctitle(f"fluxgate: supervisor [config={self.publisher.path}]")
+
+
+def _format(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)

@@ -1,0 +1,120 @@
+"""The master's view of the config file: read, validate, decide, publish.
+
+SPEC §3 "Changes at run time". Every check reads the file and hashes its
+bytes; only content that differs from what is serving (or from what was
+last rejected) is parsed. A valid version becomes the next generation and is
+published as a snapshot for the workers; an invalid one is logged with every
+problem and the last good config keeps serving. File errors (deleted,
+unreadable, a directory) are logged once per condition, not once per poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fluxgate.config import DEFAULT_DOC, Config, default_config
+from fluxgate.configfile import (
+    ConfigFileError,
+    ConfigInvalid,
+    parse_config_bytes,
+    read_config_bytes,
+    sha256_hex,
+)
+from fluxgate.logs import log_fields
+from fluxgate.snapshot import SNAPSHOT_NAME, write_snapshot
+
+log = logging.getLogger("fluxgate.supervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A new generation was published; `previous` is what served before it."""
+
+    config: Config
+    previous: Config
+
+
+class ConfigPublisher:
+    def __init__(self, path: str, runtime_dir: str) -> None:
+        self.path = os.path.abspath(path)
+        self.snapshot_path = os.path.join(runtime_dir, SNAPSHOT_NAME)
+        self.config: Config = default_config(generation=1)
+        self.doc: dict[str, Any] = dict(DEFAULT_DOC)
+        self._applied_digest: str | None = None
+        self._rejected_digest: str | None = None
+        self._file_error: str | None = None
+
+    @property
+    def generation(self) -> int:
+        return self.config.generation
+
+    def load_initial(self) -> Config:
+        """The config to start on: the file's, or the safe defaults with one WARNING."""
+        try:
+            data = read_config_bytes(self.path)
+            loaded = parse_config_bytes(data, generation=1)
+        except ConfigFileError as exc:
+            self._file_error = exc.reason
+            log_fields(log, logging.WARNING, "config file not loaded; serving safe defaults "
+                       "that reject every request", path=self.path, error=exc.reason,
+                       cause=str(exc))  # fmt: skip
+        except ConfigInvalid as exc:
+            self._rejected_digest = sha256_hex(data)
+            log_fields(log, logging.WARNING, "config file invalid; serving safe defaults "
+                       "that reject every request", path=self.path, error="invalid",
+                       cause="; ".join(exc.errors))  # fmt: skip
+        else:
+            self.config, self.doc = loaded.config, loaded.doc
+            self._applied_digest = loaded.digest
+            log_fields(log, logging.INFO, "config loaded", path=self.path,
+                       generation=self.generation, upstreams=len(self.config.upstreams))  # fmt: skip
+        self._publish()
+        return self.config
+
+    def check(self, forced: bool = False) -> Applied | None:
+        """Re-read the file; publish and return the new config if it changed and is valid.
+
+        `forced` is a SIGHUP: it always reports what it found, even "unchanged".
+        """
+        try:
+            data = read_config_bytes(self.path)
+        except ConfigFileError as exc:
+            if forced or exc.reason != self._file_error:
+                log_fields(log, logging.WARNING, "config file unavailable; keeping the last "
+                           "good config", path=self.path, error=exc.reason, cause=str(exc),
+                           generation=self.generation)  # fmt: skip
+            self._file_error = exc.reason
+            return None
+        recovered = self._file_error is not None
+        self._file_error = None
+        digest = sha256_hex(data)
+        if digest == self._applied_digest:
+            if forced or recovered:
+                log_fields(log, logging.INFO, "config unchanged", path=self.path,
+                           generation=self.generation)  # fmt: skip
+            return None
+        if digest == self._rejected_digest and not forced:
+            return None
+        try:
+            loaded = parse_config_bytes(data, generation=self.generation + 1)
+        except ConfigInvalid as exc:
+            self._rejected_digest = digest
+            log.warning(
+                "config rejected; keeping generation %d (%s): %d problem(s):\n  %s",
+                self.generation, self.path, len(exc.errors), "\n  ".join(exc.errors),
+            )  # fmt: skip
+            return None
+        previous = self.config
+        self.config, self.doc = loaded.config, loaded.doc
+        self._applied_digest = digest
+        self._rejected_digest = None
+        self._publish()
+        log_fields(log, logging.INFO, "config applied", path=self.path,
+                   generation=self.generation, outcome="applied")  # fmt: skip
+        return Applied(self.config, previous)
+
+    def _publish(self) -> None:
+        write_snapshot(self.snapshot_path, self.generation, self.doc)
