@@ -34,7 +34,8 @@ _INVALID = AuthError("invalid credential")
 
 def extract_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The client's token; header names are lower-case, as the server hands them over."""
-    x_api_key = api_key = None
+    x_api_key: bytes | None = None
+    api_key: bytes | None = None
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.strip().partition(b" ")
@@ -48,10 +49,10 @@ def extract_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
             x_api_key = value.strip()
         elif name == b"api-key" and api_key is None:
             api_key = value.strip()
-    token = x_api_key or api_key
-    if not token:
+    fallback = x_api_key or api_key
+    if not fallback:
         raise _NO_CREDENTIAL
-    return token
+    return fallback
 
 
 def _verify_jwt(config: Config, token: bytes) -> Principal:

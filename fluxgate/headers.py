@@ -32,6 +32,21 @@ HOP_BY_HOP: Final = frozenset(
 _DROP_UPSTREAM: Final = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"host", b"expect"}
 
 
+def wire_text(raw: bytes) -> str:
+    """The `str` that aiohttp's request writer turns back into `raw`.
+
+    aiohttp encodes the request line and headers as UTF-8, so decoding with
+    latin-1 would double-encode every non-ASCII byte (`é` as UTF-8 went up as
+    `Ã©`). Bytes that are not valid UTF-8 have no such `str`: they fall back
+    to latin-1 (one code point per byte), which reaches the upstream
+    re-encoded rather than failing the request.
+    """
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -45,14 +60,17 @@ def upstream_headers(
 ) -> list[tuple[str, str]]:
     """Request headers for the upstream, from the client's (names lower-case).
 
-    aiohttp takes `str` pairs; latin-1 maps every byte to one code point and
-    back, so values the client sent in any 8-bit form go up unchanged.
+    aiohttp takes `str` pairs and writes the head as UTF-8, so values are
+    decoded as UTF-8 to go up byte for byte (see `wire_text`).
     """
     drop = _DROP_UPSTREAM
     if any(name == b"connection" for name, _ in headers):
         drop = drop | _connection_tokens(headers)
     out = [upstream.host_item]
-    out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n not in drop]
+    try:
+        out += [(n.decode(), v.decode()) for n, v in headers if n not in drop]
+    except UnicodeDecodeError:  # rare: some value is not UTF-8
+        out += [(n.decode(), wire_text(v)) for n, v in headers if n not in drop]
     if upstream.credential is not None:
         out.append(upstream.credential)
     return out

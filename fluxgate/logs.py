@@ -57,7 +57,7 @@ class TextFormatter(logging.Formatter):
         super().__init__()
         self.colour = colour
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         ms = int(record.msecs)
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
 
@@ -99,7 +99,9 @@ def parse_level(value: str | None) -> int:
     return LEVELS.get(value.strip().upper(), LEVELS[DEFAULT_LEVEL])
 
 
-def make_handler(env: Mapping[str, str] | None = None, stream: TextIO | None = None) -> logging.Handler:
+def make_handler(
+    env: Mapping[str, str] | None = None, stream: TextIO | None = None
+) -> logging.Handler:
     env = os.environ if env is None else env
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
@@ -115,11 +117,30 @@ def make_handler(env: Mapping[str, str] | None = None, stream: TextIO | None = N
 # LogRecord attributes that are not user fields (python-json-logger would
 # otherwise copy every one of them into the JSON object).
 _RESERVED: Final = [
-    "args", "asctime", "created", "exc_info", "exc_text", "filename", "funcName",
-    "levelname", "levelno", "lineno", "module", "msecs", "message", "msg", "name",
-    "pathname", "process", "processName", "relativeCreated", "stack_info", "thread",
-    "threadName", "taskName",
-]  # fmt: skip
+    "args",
+    "asctime",
+    "created",
+    "exc_info",
+    "exc_text",
+    "filename",
+    "funcName",
+    "levelname",
+    "levelno",
+    "lineno",
+    "module",
+    "msecs",
+    "message",
+    "msg",
+    "name",
+    "pathname",
+    "process",
+    "processName",
+    "relativeCreated",
+    "stack_info",
+    "thread",
+    "threadName",
+    "taskName",
+]
 
 
 def configure_logging(env: Mapping[str, str] | None = None) -> logging.Handler:

@@ -96,8 +96,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         if self._head_bytes == 0 and self.cycle is not None:
             self.transport.close()  # an idle keep-alive connection: nothing to answer
             return
-        self._reject(408, "request_timeout", "request head not received in time",
-                     warn="request head timeout")  # fmt: skip
+        self._reject(
+            408, "request_timeout", "request head not received in time", warn="request head timeout"
+        )
 
     # Parser callbacks
 
@@ -125,28 +126,46 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         parser = self.parser
         if not self._admitted:
-            raise self._reject(503, "over_capacity", "the server is at its connection limit",
-                         warn="connection limit reached")  # fmt: skip
+            raise self._reject(
+                503,
+                "over_capacity",
+                "the server is at its connection limit",
+                warn="connection limit reached",
+            )
         if parser.get_http_version() != "1.1":
             raise self._reject(505, "http_version_not_supported", "only HTTP/1.1 is served")
         if parser.get_method() == b"CONNECT" or any(n == b"upgrade" for n, _ in self.headers):
-            raise self._reject(501, "not_implemented", "CONNECT and protocol upgrades are not supported")
+            raise self._reject(
+                501, "not_implemented", "CONNECT and protocol upgrades are not supported"
+            )
         if not self.url.startswith(b"/"):
-            raise self._reject(400, "bad_request", "request target must be a path",
-                         warn="absolute-form or asterisk request target")  # fmt: skip
+            raise self._reject(
+                400,
+                "bad_request",
+                "request target must be a path",
+                warn="absolute-form or asterisk request target",
+            )
         if sum(1 for n, _ in self.headers if n == b"host") != 1:
-            raise self._reject(400, "bad_request", "exactly one Host header is required",
-                         warn="missing or repeated Host header")  # fmt: skip
+            raise self._reject(
+                400,
+                "bad_request",
+                "exactly one Host header is required",
+                warn="missing or repeated Host header",
+            )
         # uvicorn appends chunked trailers to this same list later: copy it.
         self.scope["headers"] = list(self.headers)
-        self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[literal-required]
+        self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     # Rejections
 
     def _reject_head_too_large(self) -> _Rejected:
-        return self._reject(431, "request_header_fields_too_large", "request head too large",
-                     warn="request head over the size limit")  # fmt: skip
+        return self._reject(
+            431,
+            "request_header_fields_too_large",
+            "request head too large",
+            warn="request head over the size limit",
+        )
 
     def _reject(
         self, status: int, error_type: str, message: str, warn: str | None = None
@@ -160,16 +179,36 @@ class FluxgateProtocol(HttpToolsProtocol):
         client = self.client[0] if self.client else None
         url: bytes = getattr(self, "url", b"")
         if warn is not None:
-            log_fields(log, logging.WARNING, "request rejected", client_ip=client,
-                       status=status, reason=warn)  # fmt: skip
+            log_fields(
+                log,
+                logging.WARNING,
+                "request rejected",
+                client_ip=client,
+                status=status,
+                reason=warn,
+            )
         if request_log.isEnabledFor(TRACE):
             method = self.scope.get("method") if self.scope else None
             if method is None and self._awaiting_head is False:
                 method = self.parser.get_method().decode("latin-1")
-            log_fields(request_log, TRACE, "request", client_ip=client, method=method,
-                       request_url=url.decode("latin-1") if url else None,
-                       status=status, outcome=error_type, duration_ms=0)  # fmt: skip
-        if not self.transport.is_closing():
+            log_fields(
+                request_log,
+                TRACE,
+                "request",
+                client_ip=client,
+                method=method,
+                request_url=url.decode("latin-1") if url else None,
+                status=status,
+                outcome=error_type,
+                duration_ms=0,
+            )
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # An earlier, fully received request on this connection (pipelining)
+            # is still being answered: an error written now would be read as
+            # its response. Let it finish, then close (as uvicorn's shutdown does).
+            cycle.keep_alive = False
+        elif not self.transport.is_closing():
             self.transport.write(raw_error_response(status, error_type, message))
             self.transport.close()
         return _Rejected()

@@ -13,6 +13,7 @@ a new immutable `Config` on reload, and each request reads it once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from yarl import URL
 from .auth import AuthError, authenticate
 from .config import Config, Upstream, default_config
 from .errors import ProxyError, StreamAborted, error_body, error_headers
-from .headers import client_headers, upstream_headers
+from .headers import client_headers, upstream_headers, wire_text
 from .logs import TRACE, log_fields, request_log
 from .routing import match, upstream_target
 from .upstream import UPSTREAM_TIMEOUT, create_session, upstream_failure
@@ -44,9 +45,19 @@ class Exchange:
     """What one request did, for its log line."""
 
     __slots__ = (
-        "client_gone", "finished", "key_id", "outcome", "request_bytes", "response_bytes",
-        "response_length", "response_started", "status", "target_url", "ttfb_ms", "upstream",
-    )  # fmt: skip
+        "client_gone",
+        "finished",
+        "key_id",
+        "outcome",
+        "request_bytes",
+        "response_bytes",
+        "response_length",
+        "response_started",
+        "status",
+        "target_url",
+        "ttfb_ms",
+        "upstream",
+    )
 
     def __init__(self) -> None:
         self.status = 0
@@ -68,6 +79,12 @@ def _content_length(headers: list[tuple[bytes, bytes]], name: bytes) -> int | No
         if key == name:
             return int(value) if value.isdigit() else None
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _origin_url(origin: str) -> URL:
+    """`scheme://host:port` of an upstream, parsed once rather than per request."""
+    return URL(origin, encoded=True)
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -152,7 +169,8 @@ class ProxyApp:
     ) -> None:
         assert self.session is not None, "lifespan startup creates the session"
         ex.upstream = upstream.name
-        url = upstream.origin + upstream_target(upstream, target).decode("latin-1")
+        path_qs = wire_text(upstream_target(upstream, target))
+        url = upstream.origin + path_qs
         ex.target_url = url
         headers = upstream_headers(scope["headers"], upstream)
         task = asyncio.current_task()
@@ -176,7 +194,8 @@ class ProxyApp:
                 try:
                     response = await self.session.request(
                         scope["method"],
-                        URL(url, encoded=True),
+                        # Not URL(url): yarl would drop an empty "?" query.
+                        _origin_url(upstream.origin).with_path(path_qs, encoded=True),
                         headers=headers,
                         data=body,
                         allow_redirects=False,
@@ -255,7 +274,9 @@ async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], ex: Exchange)
 
 async def _send_error(send: Any, err: ProxyError) -> None:
     body = error_body(err.error_type, err.message)
-    await send({"type": "http.response.start", "status": err.status, "headers": error_headers(body)})
+    await send(
+        {"type": "http.response.start", "status": err.status, "headers": error_headers(body)}
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -57,23 +57,38 @@ def create_session() -> aiohttp.ClientSession:
 def upstream_failure(exc: BaseException) -> ProxyError:
     """The 502 that answers an upstream failure before any response byte arrived."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return ProxyError(502, "upstream_dns_error", "upstream host name did not resolve",
-                          "upstream_dns_error")  # fmt: skip
+        return ProxyError(
+            502, "upstream_dns_error", "upstream host name did not resolve", "upstream_dns_error"
+        )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return ProxyError(502, "upstream_tls_error", "TLS handshake with the upstream failed",
-                          "upstream_tls_error")  # fmt: skip
+        return ProxyError(
+            502,
+            "upstream_tls_error",
+            "TLS handshake with the upstream failed",
+            "upstream_tls_error",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ProxyError(502, "upstream_unreachable", "could not connect to the upstream",
-                          "upstream_unreachable")  # fmt: skip
+        return ProxyError(
+            502, "upstream_unreachable", "could not connect to the upstream", "upstream_unreachable"
+        )
     if isinstance(exc, aiohttp.ClientResponseError):
-        return ProxyError(502, "upstream_bad_response", "the upstream sent an invalid response",
-                          "upstream_bad_response")  # fmt: skip
-    return ProxyError(502, "upstream_connection_error",
-                      "the upstream closed the connection before responding",
-                      "upstream_connection_error")  # fmt: skip
+        return ProxyError(
+            502,
+            "upstream_bad_response",
+            "the upstream sent an invalid response",
+            "upstream_bad_response",
+        )
+    return ProxyError(
+        502,
+        "upstream_connection_error",
+        "the upstream closed the connection before responding",
+        "upstream_connection_error",
+    )
 
 
 UPSTREAM_TIMEOUT: Final = ProxyError(
-    504, "upstream_timeout", "the upstream did not answer within request_timeout_ms",
+    504,
     "upstream_timeout",
-)  # fmt: skip
+    "the upstream did not answer within request_timeout_ms",
+    "upstream_timeout",
+)

@@ -1,4 +1,4 @@
-"""The worker process: a gunicorn `Worker` running uvicorn (uvloop + httptools) on the shared socket.
+"""The worker process: a gunicorn `Worker` serving uvicorn (uvloop, httptools).
 
 Written instead of using uvicorn-worker because of what STACK-NOTES measured:
 its SIGHUP default kills a worker that is still booting, its quit handling
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -104,7 +105,7 @@ class FluxgateWorker(Worker):
             proxy_headers=False,
             log_config=None,
             timeout_keep_alive=KEEPALIVE_TIMEOUT,
-            timeout_graceful_shutdown=config.request_timeout_ms / 1000,
+            timeout_graceful_shutdown=math.ceil(config.request_timeout_ms / 1000),
         )
         self.server = server = _Server(uv_config)
         loop = asyncio.get_running_loop()
@@ -148,7 +149,7 @@ class FluxgateWorker(Worker):
             return
         self.proxy.config = config
         self.gate.limit = config.server.max_connections
-        self.server.config.timeout_graceful_shutdown = config.request_timeout_ms / 1000
+        self.server.config.timeout_graceful_shutdown = math.ceil(config.request_timeout_ms / 1000)
         self._set_title()
         log.debug("worker applied config generation %d", config.generation)
 

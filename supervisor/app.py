@@ -32,7 +32,7 @@ YAML_OWNED = frozenset({"bind", "workers"})
 SHUTDOWN_MARGIN = 5  # seconds the master waits beyond a worker's own drain bound
 
 
-class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+class GunicornLogger(glogging.Logger):
     """gunicorn's messages in Fluxgate's format, on the same handler; no access log."""
 
     def setup(self, cfg: Any) -> None:
@@ -42,7 +42,7 @@ class GunicornLogger(glogging.Logger):  # type: ignore[misc]
         self.access_log.disabled = True
 
 
-class FluxgateApplication(BaseApplication):  # type: ignore[misc]
+class FluxgateApplication(BaseApplication):
     def __init__(self, config_path: str, workers: int | None, pid_file: str | None) -> None:
         self.workers_override = workers
         self.pid_file = pid_file

@@ -41,6 +41,9 @@ CONFIG_EVENT = signal.NSIG + 1
 
 
 class FluxgateArbiter(Arbiter):
+    LISTENERS: list[Any]
+    num_workers: int
+
     def __init__(self, app: Any) -> None:
         super().__init__(app)
         self.publisher = app.publisher
@@ -69,8 +72,13 @@ class FluxgateArbiter(Arbiter):
             try:
                 listeners.append(gsock._sock_type(address)(address, self.cfg, self.log))
             except OSError as exc:
-                log_fields(log, logging.ERROR, "cannot bind", address=_format(address),
-                           reason=exc.strerror or str(exc))  # fmt: skip
+                log_fields(
+                    log,
+                    logging.ERROR,
+                    "cannot bind",
+                    address=_format(address),
+                    reason=exc.strerror or str(exc),
+                )
                 for listener in listeners:
                     listener.close()
                 return None
@@ -79,8 +87,9 @@ class FluxgateArbiter(Arbiter):
     def halt(self, reason: str | None = None, exit_status: int = 0) -> None:
         sdnotify.stopping()
         self.watcher.stop()
-        log.info("shutting down: waiting up to %.0f s for in-flight requests",
-                 self.cfg.graceful_timeout)  # fmt: skip
+        log.info(
+            "shutting down: waiting up to %.0f s for in-flight requests", self.cfg.graceful_timeout
+        )
         super().halt(reason, exit_status)
 
     def handle_int(self) -> None:
@@ -104,8 +113,14 @@ class FluxgateArbiter(Arbiter):
         if not self._ready_sent and self.WORKERS and self._all_booted():
             self._ready_sent = True
             sdnotify.ready()
-            log_fields(log, logging.INFO, "serving", address=_format(self.cfg.address[0]),
-                       workers=len(self.WORKERS), generation=self.publisher.generation)  # fmt: skip
+            log_fields(
+                log,
+                logging.INFO,
+                "serving",
+                address=_format(self.cfg.address[0]),
+                workers=len(self.WORKERS),
+                generation=self.publisher.generation,
+            )
 
     def _all_booted(self) -> bool:
         # A worker's first heartbeat comes from inside its running event loop.
@@ -147,8 +162,13 @@ class FluxgateArbiter(Arbiter):
             self._rebind(config)
         workers = self.app.worker_count(config)
         if workers != self.num_workers:
-            log_fields(log, logging.INFO, "resizing worker pool", workers=workers,
-                       previous=self.num_workers)  # fmt: skip
+            log_fields(
+                log,
+                logging.INFO,
+                "resizing worker pool",
+                workers=workers,
+                previous=self.num_workers,
+            )
             self.num_workers = workers
         self.kill_workers(signal.SIGHUP)
         self._set_title()
@@ -157,8 +177,12 @@ class FluxgateArbiter(Arbiter):
         self.cfg.set("bind", [config.server.bind_address])
         listeners = self._bind(self.cfg.address)
         if listeners is None:
-            log_fields(log, logging.WARNING, "keeping the old listener",
-                       address=_format(self.LISTENERS[0].cfg_addr))  # fmt: skip
+            log_fields(
+                log,
+                logging.WARNING,
+                "keeping the old listener",
+                address=_format(self.LISTENERS[0].cfg_addr),
+            )
             return
         old, self.LISTENERS = self.LISTENERS, listeners
         log_fields(log, logging.INFO, "listening", address=_format(self.cfg.address[0]))

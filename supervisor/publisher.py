@@ -58,19 +58,35 @@ class ConfigPublisher:
             loaded = parse_config_bytes(data, generation=1)
         except ConfigFileError as exc:
             self._file_error = exc.reason
-            log_fields(log, logging.WARNING, "config file not loaded; serving safe defaults "
-                       "that reject every request", path=self.path, error=exc.reason,
-                       cause=str(exc))  # fmt: skip
+            log_fields(
+                log,
+                logging.WARNING,
+                "config file not loaded; serving safe defaults that reject every request",
+                path=self.path,
+                error=exc.reason,
+                cause=str(exc),
+            )
         except ConfigInvalid as exc:
             self._rejected_digest = sha256_hex(data)
-            log_fields(log, logging.WARNING, "config file invalid; serving safe defaults "
-                       "that reject every request", path=self.path, error="invalid",
-                       cause="; ".join(exc.errors))  # fmt: skip
+            log_fields(
+                log,
+                logging.WARNING,
+                "config file invalid; serving safe defaults that reject every request",
+                path=self.path,
+                error="invalid",
+                cause="; ".join(exc.errors),
+            )
         else:
             self.config, self.doc = loaded.config, loaded.doc
             self._applied_digest = loaded.digest
-            log_fields(log, logging.INFO, "config loaded", path=self.path,
-                       generation=self.generation, upstreams=len(self.config.upstreams))  # fmt: skip
+            log_fields(
+                log,
+                logging.INFO,
+                "config loaded",
+                path=self.path,
+                generation=self.generation,
+                upstreams=len(self.config.upstreams),
+            )
         self._publish()
         return self.config
 
@@ -83,9 +99,15 @@ class ConfigPublisher:
             data = read_config_bytes(self.path)
         except ConfigFileError as exc:
             if forced or exc.reason != self._file_error:
-                log_fields(log, logging.WARNING, "config file unavailable; keeping the last "
-                           "good config", path=self.path, error=exc.reason, cause=str(exc),
-                           generation=self.generation)  # fmt: skip
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "config file unavailable; keeping the last good config",
+                    path=self.path,
+                    error=exc.reason,
+                    cause=str(exc),
+                    generation=self.generation,
+                )
             self._file_error = exc.reason
             return None
         recovered = self._file_error is not None
@@ -93,8 +115,13 @@ class ConfigPublisher:
         digest = sha256_hex(data)
         if digest == self._applied_digest:
             if forced or recovered:
-                log_fields(log, logging.INFO, "config unchanged", path=self.path,
-                           generation=self.generation)  # fmt: skip
+                log_fields(
+                    log,
+                    logging.INFO,
+                    "config unchanged",
+                    path=self.path,
+                    generation=self.generation,
+                )
             return None
         if digest == self._rejected_digest and not forced:
             return None
@@ -104,16 +131,25 @@ class ConfigPublisher:
             self._rejected_digest = digest
             log.warning(
                 "config rejected; keeping generation %d (%s): %d problem(s):\n  %s",
-                self.generation, self.path, len(exc.errors), "\n  ".join(exc.errors),
-            )  # fmt: skip
+                self.generation,
+                self.path,
+                len(exc.errors),
+                "\n  ".join(exc.errors),
+            )
             return None
         previous = self.config
         self.config, self.doc = loaded.config, loaded.doc
         self._applied_digest = digest
         self._rejected_digest = None
         self._publish()
-        log_fields(log, logging.INFO, "config applied", path=self.path,
-                   generation=self.generation, outcome="applied")  # fmt: skip
+        log_fields(
+            log,
+            logging.INFO,
+            "config applied",
+            path=self.path,
+            generation=self.generation,
+            outcome="applied",
+        )
         return Applied(self.config, previous)
 
     def _publish(self) -> None:

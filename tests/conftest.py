@@ -1,0 +1,97 @@
+"""Shared fixtures: the fake upstream, a supervisor factory, and the suite-wide secret scan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from demo.fake_upstream import FakeUpstreamThread
+from tests.supervisor_process import ALL_LOG_LINES, Supervisor
+
+# Every secret the suite uses. None may appear in any log line or error body.
+CLIENT_KEY = "fg-client-key-4d1c7e0b9a"
+LIMITED_KEY = "fg-limited-key-73b2a915"
+OPENAI_KEY = "sk-openai-provider-secret-0042"
+ANTHROPIC_KEY = "sk-ant-provider-secret-0042"
+JWT_SECRET = "jwt-signing-secret-of-at-least-32-bytes!"
+SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET]
+MINTED_TOKENS: list[str] = []  # every JWT a test made, scanned like the secrets
+
+
+def proxy_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """The suite's standard config: two providers on the fake upstream, three credentials."""
+    config: dict[str, Any] = {
+        "version": 1,
+        "upstreams": {
+            "request_timeout_ms": 5000,
+            "openai": {
+                "request_path": "/openai",
+                "target_url": upstream_url,
+                "api_key": OPENAI_KEY,
+            },
+            "anthropic": {
+                "request_path": "/anthropic",
+                "target_url": upstream_url,
+                "api_key": ANTHROPIC_KEY,
+                "auth_header": "x-api-key",
+            },
+        },
+        "api_keys": {
+            "static": [
+                {"id": "ci", "key": CLIENT_KEY},
+                {"id": "limited", "key": LIMITED_KEY, "upstreams": ["anthropic"]},
+            ],
+            "jwt": [{"id": "dev", "key": JWT_SECRET}],
+        },
+    }
+    config.update(overrides)
+    return config
+
+
+def make_jwt(kid: str = "dev", secret: str = JWT_SECRET, **claims: Any) -> str:
+    payload = {"sub": "test", "exp": int(time.time()) + 300, **claims}
+    token = jwt.encode(payload, secret, algorithm="HS256", headers={"kid": kid})
+    MINTED_TOKENS.append(token)
+    return token
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstreamThread]:
+    with FakeUpstreamThread() as up:
+        yield up
+
+
+@pytest.fixture
+def make_supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def factory(config: dict[str, Any] | str, start: bool = True, **kwargs: Any) -> Supervisor:
+        directory = tmp_path / f"sup{len(started)}"
+        directory.mkdir()
+        sup = Supervisor(directory, config, **kwargs)
+        started.append(sup)
+        return sup.start() if start else sup
+
+    yield factory
+    for sup in started:
+        sup.stop()
+
+
+@pytest.fixture
+def proxy(upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    """One supervisor with one worker, on the standard config."""
+    return make_supervisor(proxy_config(upstream.url))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """After the whole run (per xdist process): no secret in any supervisor log line."""
+    yield
+    secrets = SECRETS + MINTED_TOKENS
+    leaks = [(s, line) for line in ALL_LOG_LINES for s in secrets if s in line]
+    assert not leaks, f"secrets found in log lines: {leaks[:5]}"
