@@ -49,6 +49,7 @@ class FluxgateArbiter(Arbiter):
         self.publisher = app.publisher
         self.watcher = ConfigWatcher(self.publisher.path, self._on_file_event)
         self._ready_sent = False
+        self._titled = False
         self._spawned_at: dict[int, float] = {}
 
     # Start and stop
@@ -63,7 +64,6 @@ class FluxgateArbiter(Arbiter):
         sdnotify.claim_socket()
         super().start()
         self.watcher.start()
-        self._set_title()
 
     def _bind(self, addresses: list[Any]) -> list[Any] | None:
         """Listeners for `addresses`, or None (logged) when any cannot be bound."""
@@ -110,6 +110,9 @@ class FluxgateArbiter(Arbiter):
 
     def manage_workers(self) -> None:
         super().manage_workers()
+        if not self._titled:  # gunicorn sets its own title after start(); replace it once
+            self._titled = True
+            self._set_title()
         if not self._ready_sent and self.WORKERS and self._all_booted():
             self._ready_sent = True
             sdnotify.ready()
@@ -184,15 +187,17 @@ class FluxgateArbiter(Arbiter):
                 address=_format(self.LISTENERS[0].cfg_addr),
             )
             return
-        old, self.LISTENERS = self.LISTENERS, listeners
+        # Close our copy of the old socket before forking, or the new workers
+        # would inherit it and keep the old port accepting connections nobody serves.
+        for listener in self.LISTENERS:
+            listener.close()
+        self.LISTENERS = listeners
         log_fields(log, logging.INFO, "listening", address=_format(self.cfg.address[0]))
         # New workers serve the new socket; the old ones are retired gracefully
         # (oldest first, by manage_workers) and finish their in-flight requests.
         for _ in range(self.num_workers):
             self.spawn_worker()
         self.manage_workers()
-        for listener in old:
-            listener.close()
 
     def _set_title(self) -> None:
         setproctitle(f"fluxgate: supervisor [config={self.publisher.path}]")

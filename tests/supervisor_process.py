@@ -42,14 +42,16 @@ class Supervisor:
         config_dir: Path,
         config: dict[str, Any] | str,
         *,
-        workers: int = 1,
+        workers: int | None = 1,
         env: dict[str, str] | None = None,
         port: int | None = None,
         args: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.config_path = config_dir / "fluxgate.yaml"
-        self.workers = workers
+        # None: no --workers flag, the YAML decides; tests then set `workers` to expect.
+        self.workers_flag = workers
+        self.workers = workers or 1
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._env = {**os.environ, "FLUXGATE_LOG_STYLE": "never", **(env or {})}
@@ -76,15 +78,9 @@ class Supervisor:
     # Process
 
     def start(self, wait: bool = True) -> Supervisor:
-        cmd = [
-            SUPERVISOR,
-            "start",
-            "--config",
-            str(self.config_path),
-            "--workers",
-            str(self.workers),
-            *self._args,
-        ]
+        cmd = [SUPERVISOR, "start", "--config", str(self.config_path), *self._args]
+        if self.workers_flag is not None:
+            cmd += ["--workers", str(self.workers_flag)]
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
