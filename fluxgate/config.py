@@ -45,7 +45,7 @@ class Upstream:
     auth_header: str
     # Precomputed for the request path:
     prefix: bytes  # request_path without a trailing "/" ("" for "/"), matched on raw bytes
-    origin: str  # scheme://host[:port], what the HTTP client connects to
+    origin: str  # scheme://host[:port], port only when non-default
     base_path: bytes  # target_url path without its trailing "/"
     host_item: tuple[str, str]  # ("host", authority): port only when non-default
     credential: tuple[str, str] | None = field(repr=False)  # header set upstream
@@ -118,7 +118,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         api_key=api_key,
         auth_header=auth_header,
         prefix=request_path.rstrip("/").encode(),
-        origin=f"{scheme}://{host_text}:{port or default_port}",
+        origin=f"{scheme}://{authority}",
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
         credential=credential,
