@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python -m demo.run
 
+PY_SOURCES := fluxgate supervisor demo tests bench gunicorn.conf.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(wildcard $(PY_SOURCES))
+	$(BIN)/ruff format --check $(wildcard $(PY_SOURCES))
 	$(BIN)/mypy fluxgate supervisor demo
 
 test: lint
