@@ -63,8 +63,7 @@ def _verify_jwt(config: Config, token: bytes) -> Principal:
     # PyJWT checks neither `typ` nor `kid` against our keys: do it before verifying.
     if header.get("alg") != "HS256":
         raise _INVALID
-    typ = header.get("typ")
-    if typ is not None and typ != "JWT":
+    if "typ" in header and header["typ"] != "JWT":  # optional, but `null` is not absent
         raise _INVALID
     kid = header.get("kid")
     if not isinstance(kid, str):

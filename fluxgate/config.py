@@ -16,6 +16,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_REQUEST_TIMEOUT_MS = 120_000
@@ -46,6 +48,7 @@ class Upstream:
     # Precomputed for the request path:
     prefix: bytes  # request_path without a trailing "/" ("" for "/"), matched on raw bytes
     origin: str  # scheme://host[:port], port only when non-default
+    origin_url: URL  # the same, parsed once for the HTTP client
     base_path: bytes  # target_url path without its trailing "/"
     host_item: tuple[str, str]  # ("host", authority): port only when non-default
     credential: tuple[str, str] | None = field(repr=False)  # header set upstream
@@ -119,6 +122,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         auth_header=auth_header,
         prefix=request_path.rstrip("/").encode(),
         origin=f"{scheme}://{authority}",
+        origin_url=URL(f"{scheme}://{authority}", encoded=True),
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
         credential=credential,

@@ -25,9 +25,14 @@ class ConnectionTable:
         self.size = size
 
     def reset_slot(self, slot: int) -> None:
+        """Zero a slot before a new worker takes it."""
         self.counts[slot] = 0
         if slot + 1 > self.slots_in_use.value:
             self.slots_in_use.value = slot + 1
+
+    def release_slot(self, slot: int) -> None:
+        """Forget the connections of a worker that exited (crashed or retired)."""
+        self.counts[slot] = 0
 
     def total(self) -> int:
         return sum(self.counts[: self.slots_in_use.value])

@@ -20,7 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import raw_error_response
 from .limits import ConnectionGate
-from .logs import TRACE, log_fields, request_log
+from .logs import TRACE, log_fields, loggable_target, request_log
 from .proxy import TARGET_SCOPE_KEY
 
 HEAD_TIMEOUT: Final = 15.0  # seconds from connection or message start to a full head
@@ -93,9 +93,10 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing() or self._rejected:
             return
-        if self._head_bytes == 0 and self.cycle is not None:
-            self.transport.close()  # an idle keep-alive connection: nothing to answer
-            return
+        # Armed only at connection start and at a message's first byte, so a head
+        # is always due here (`_head_bytes` does not count the bytes of the read
+        # that began a keep-alive connection's next message: it cannot tell an
+        # idle connection). Idle keep-alive connections are uvicorn's timer's job.
         self._reject(
             408, "request_timeout", "request head not received in time", warn="request head timeout"
         )
@@ -197,7 +198,7 @@ class FluxgateProtocol(HttpToolsProtocol):
                 "request",
                 client_ip=client,
                 method=method,
-                request_url=url.decode("latin-1") if url else None,
+                request_url=loggable_target(url) if url else None,
                 status=status,
                 outcome=error_type,
                 duration_ms=0,

@@ -13,25 +13,26 @@ a new immutable `Config` on reload, and each request reads it once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
-from yarl import URL
 
 from .auth import AuthError, authenticate
 from .config import Config, Upstream, default_config
 from .errors import ProxyError, StreamAborted, error_body, error_headers
-from .headers import client_headers, upstream_headers, wire_text
-from .logs import TRACE, log_fields, request_log
+from .headers import client_headers, upstream_headers
+from .logs import TRACE, log_fields, loggable_target, request_log
 from .routing import match, upstream_target
 from .upstream import UPSTREAM_TIMEOUT, create_session, upstream_failure
 
-HEALTH_PATH: Final = b"/_fluxgate/health"
+# Fluxgate's own endpoints live under this prefix, which is never proxied.
+RESERVED_PREFIX: Final = b"/_fluxgate"
+HEALTH_PATHS: Final = frozenset({b"/_fluxgate/health", b"/_fluxgate/health/"})
 # Key under which the protocol layer puts the request-target exactly as received.
 TARGET_SCOPE_KEY: Final = "fluxgate.target"
 
@@ -39,6 +40,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 _NOT_FOUND = ProxyError(404, "not_found", "no upstream matches this path", "no_route")
+_NO_ENDPOINT = ProxyError(404, "not_found", "no such Fluxgate endpoint", "no_route")
+_HEALTH_METHOD = ProxyError(405, "method_not_allowed", "use GET or HEAD", "method_not_allowed")
 
 
 class Exchange:
@@ -81,12 +84,6 @@ def _content_length(headers: list[tuple[bytes, bytes]], name: bytes) -> int | No
     return None
 
 
-@functools.lru_cache(maxsize=256)
-def _origin_url(origin: str) -> URL:
-    """`scheme://host:port` of an upstream, parsed once rather than per request."""
-    return URL(origin, encoded=True)
-
-
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"transfer-encoding":
@@ -113,6 +110,7 @@ class ProxyApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.session = create_session()
+                logging.getLogger("uvicorn.error").addFilter(_not_stream_aborted)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.session is not None:
@@ -128,8 +126,8 @@ class ProxyApp:
         path = target.partition(b"?")[0]
         ex = Exchange()
         try:
-            if path == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
-                await self._health(config, send, ex)
+            if path.startswith(RESERVED_PREFIX) and _is_reserved(path):
+                await self._own_endpoint(config, path, scope["method"], send, ex)
                 return
             try:
                 principal = authenticate(config, headers)
@@ -143,17 +141,24 @@ class ProxyApp:
         except ProxyError as err:
             ex.status, ex.outcome = err.status, err.outcome
             if not ex.client_gone:
-                await _send_error(send, err)
+                ex.response_bytes = ex.response_length = await _send_error(send, err)
         finally:
             if request_log.isEnabledFor(TRACE):
                 _log_request(scope, target, headers, ex, started)
 
-    async def _health(self, config: Config, send: Any, ex: Exchange) -> None:
+    async def _own_endpoint(
+        self, config: Config, path: bytes, method: str, send: Any, ex: Exchange
+    ) -> None:
+        if path not in HEALTH_PATHS:
+            raise _NO_ENDPOINT
+        if method not in ("GET", "HEAD"):
+            raise _HEALTH_METHOD
         body = json.dumps(
             {"status": "ok", "generation": config.generation, "pid": self.pid}
         ).encode()
         ex.status = 200
         ex.outcome = "health"
+        ex.response_bytes = ex.response_length = len(body)
         await send({"type": "http.response.start", "status": 200, "headers": error_headers(body)})
         await send({"type": "http.response.body", "body": body})
 
@@ -169,7 +174,8 @@ class ProxyApp:
     ) -> None:
         assert self.session is not None, "lifespan startup creates the session"
         ex.upstream = upstream.name
-        path_qs = wire_text(upstream_target(upstream, target))
+        # ASCII only (the parser refuses other bytes in a request-target).
+        path_qs = upstream_target(upstream, target).decode("latin-1")
         url = upstream.origin + path_qs
         ex.target_url = url
         headers = upstream_headers(scope["headers"], upstream)
@@ -195,7 +201,7 @@ class ProxyApp:
                     response = await self.session.request(
                         scope["method"],
                         # Not URL(url): yarl would drop an empty "?" query.
-                        _origin_url(upstream.origin).with_path(path_qs, encoded=True),
+                        upstream.origin_url.with_path(path_qs, encoded=True),
                         headers=headers,
                         data=body,
                         allow_redirects=False,
@@ -248,6 +254,16 @@ class ProxyApp:
                     response.close()
 
 
+def _not_stream_aborted(record: logging.LogRecord) -> bool:
+    """Keep uvicorn from logging a cut stream as an application crash.
+
+    uvicorn logs every exception out of the app at ERROR with a traceback.
+    `StreamAborted` is our deliberate way to make it close the connection, and
+    the request log line already records why (its outcome).
+    """
+    return not (record.exc_info and isinstance(record.exc_info[1], StreamAborted))
+
+
 async def _request_body(receive: Any, ex: Exchange, on_done: Any) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
@@ -272,12 +288,18 @@ async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], ex: Exchange)
     task.cancel()
 
 
-async def _send_error(send: Any, err: ProxyError) -> None:
+async def _send_error(send: Any, err: ProxyError) -> int:
     body = error_body(err.error_type, err.message)
     await send(
         {"type": "http.response.start", "status": err.status, "headers": error_headers(body)}
     )
     await send({"type": "http.response.body", "body": body})
+    return len(body)
+
+
+def _is_reserved(path: bytes) -> bool:
+    n = len(RESERVED_PREFIX)
+    return len(path) == n or path[n] == 0x2F  # "/"
 
 
 def _rebuild_target(scope: Scope) -> bytes:
@@ -296,7 +318,7 @@ def _log_request(
         "request",
         client_ip=client[0] if client else None,
         method=scope["method"],
-        request_url=target.decode("latin-1"),
+        request_url=loggable_target(target),
         request_body_length=_content_length(headers, b"content-length"),
         api_key=ex.key_id,
         upstream=ex.upstream,

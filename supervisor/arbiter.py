@@ -108,6 +108,15 @@ class FluxgateArbiter(Arbiter):
         self._spawned_at[pid] = time.monotonic()
         return pid
 
+    def reap_workers(self) -> None:
+        before = dict(self.WORKERS)
+        super().reap_workers()
+        for pid, worker in before.items():
+            if pid not in self.WORKERS:
+                # Its connections died with it; a stale count would lower the limit.
+                self.app.connection_table.release_slot(worker.slot)
+                self._spawned_at.pop(pid, None)
+
     def manage_workers(self) -> None:
         super().manage_workers()
         if not self._titled:  # gunicorn sets its own title after start(); replace it once

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 SUPERVISOR = str(Path(sys.executable).parent / "fluxgate-supervisor")
+# The master's "workers serve" event, in the text or the JSON log format.
+SERVING = r'^\S+\s+\S+ serving address=|"message": "serving"'
 # Every log line any supervisor printed in this test process, for the secret scan.
 ALL_LOG_LINES: list[str] = []
 
@@ -91,7 +93,7 @@ class Supervisor:
         )
         threading.Thread(target=self._read, daemon=True).start()
         if wait:
-            self.wait_for_log(r"serving address=", timeout=15)
+            self.wait_for_log(SERVING, timeout=15)
         return self
 
     def _read(self) -> None:

@@ -1,0 +1,420 @@
+"""The hardened HTTP protocol (SPEC §4.1–4.4), tested the way uvicorn tests its own.
+
+A `FluxgateProtocol` is built on a uvicorn `Config` with a recording ASGI app
+and connected to an in-memory transport; bytes go in through
+`data_received`, and the tests read what was written back. Every rejection
+must be a complete JSON response, close the connection, and leave the app
+unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+import fluxgate.protocol
+from fluxgate.limits import ConnectionGate, ConnectionTable
+from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
+
+GET = b"GET /openai/v1/models HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+class MockTransport:
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.closed = asyncio.Event()
+        self.read_paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        info = {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}
+        return info.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed.is_set(), "write after close"
+        self.buffer += data
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def is_closing(self) -> bool:
+        return self.closed.is_set()
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
+
+class Connection:
+    """One protocol instance on a mock transport, driven on its own event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gate: ConnectionGate | None) -> None:
+        self.loop = loop
+        self.app_calls: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+        self.lost = False
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            self.app_calls.append(scope)
+            while True:
+                message = await receive()
+                self.received.append(message)
+                if not message.get("more_body"):
+                    break
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        config = Config(app=app, http="httptools", ws="none", lifespan="off", log_config=None,
+                        server_header=False, date_header=False, access_log=False)  # fmt: skip
+        config.load()
+        self.protocol = FluxgateProtocol(
+            config=config, server_state=ServerState(), app_state={}, _loop=loop, gate=gate
+        )
+        self.transport = MockTransport()
+        self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def feed(self, *chunks: bytes) -> Connection:
+        for chunk in chunks:
+            self.protocol.data_received(chunk)
+        self.settle()
+        return self
+
+    def lose(self) -> None:
+        """What the transport does once it has closed: tell the protocol."""
+        if not self.lost:
+            self.lost = True
+            self.protocol.connection_lost(None)
+            self.settle()
+
+    def settle(self) -> None:
+        """Let any task the protocol started run to its end."""
+        for _ in range(5):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def wait_closed(self, timeout: float = 5.0) -> None:
+        self.loop.run_until_complete(asyncio.wait_for(self.transport.closed.wait(), timeout))
+
+    @property
+    def status(self) -> int:
+        return int(self.transport.buffer.split(b" ", 2)[1])
+
+    def error(self) -> dict[str, Any]:
+        head, _, body = self.transport.buffer.partition(b"\r\n\r\n")
+        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        assert headers[b"content-type"] == b"application/json"
+        assert int(headers[b"content-length"]) == len(body)
+        assert headers[b"connection"] == b"close"
+        error: dict[str, Any] = json.loads(body)["error"]
+        return error
+
+    def assert_rejected(self, status: int) -> dict[str, Any]:
+        """A complete JSON error with `status`, the connection closed, the app never run."""
+        assert self.transport.buffer.startswith(b"HTTP/1.1 %d " % status), self.transport.buffer
+        assert self.transport.is_closing()
+        assert self.app_calls == []
+        error = self.error()
+        assert error["type"] and error["message"]
+        return error
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def conn(loop: asyncio.AbstractEventLoop) -> Iterator[Connection]:
+    connection = Connection(loop, gate=None)
+    yield connection
+    connection.lose()
+
+
+# The baseline: a well-formed request reaches the app
+
+
+def test_valid_request_reaches_the_app(conn: Connection) -> None:
+    conn.feed(GET)
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert not conn.transport.is_closing()
+    [scope] = conn.app_calls
+    assert scope["fluxgate.target"] == b"/openai/v1/models"
+
+
+def test_app_sees_a_copy_of_the_headers_that_trailers_do_not_extend(conn: Connection) -> None:
+    conn.feed(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    [scope] = conn.app_calls
+    assert [name for name, _ in scope["headers"]] == [b"host", b"transfer-encoding"]
+
+
+# §4.1 HTTP version
+
+
+def test_http_1_0_is_505(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/1.0\r\nHost: example.com\r\n\r\n").assert_rejected(505)
+
+
+def test_http_0_9_request_line_is_505(conn: Connection) -> None:
+    conn.feed(b"GET /\r\n\r\n").assert_rejected(505)
+
+
+def test_http_2_0_request_line_is_505(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/2.0\r\nHost: example.com\r\n\r\n").assert_rejected(505)
+
+
+# §4.2 CONNECT and Upgrade
+
+
+def test_connect_is_501(conn: Connection) -> None:
+    conn.feed(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    conn.assert_rejected(501)
+
+
+def test_websocket_upgrade_is_501(conn: Connection) -> None:
+    conn.feed(
+        b"GET /openai HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).assert_rejected(501)
+
+
+def test_h2c_upgrade_is_501(conn: Connection) -> None:
+    conn.feed(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    ).assert_rejected(501)
+
+
+def test_upgrade_header_without_connection_upgrade_is_501(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").assert_rejected(501)
+
+
+def test_upgrade_request_with_a_body_is_501_and_nothing_is_read_on(conn: Connection) -> None:
+    conn.feed(
+        b"POST / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 4\r\n\r\nbody" + GET
+    ).assert_rejected(501)
+
+
+# §4.3 Malformed requests and smuggling
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n0\r\n\r\n",
+            id="content-length-and-transfer-encoding",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+            id="duplicate-content-length",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            id="conflicting-content-length",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\nab",
+            id="content-length-list",
+        ),
+        pytest.param(b"GET / HTTP/1.1\nHost: h\n\n", id="bare-lf"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\nX-B: 2\r\n\r\n", id="bare-lf-in-head"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n 2\r\n\r\n", id="obs-fold"),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="missing-host"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", id="two-hosts"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", id="two-identical-hosts"),
+        pytest.param(b"GET http://h/openai HTTP/1.1\r\nHost: h\r\n\r\n", id="absolute-form"),
+        pytest.param(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", id="asterisk-form"),
+    ],
+)
+def test_malformed_or_smuggling_request_is_400(conn: Connection, request_bytes: bytes) -> None:
+    conn.feed(request_bytes).assert_rejected(400)
+
+
+def test_rejection_is_logged_at_warning(conn: Connection, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fluxgate"):
+        conn.feed(b"GET / HTTP/1.1\r\n\r\n")
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == "request rejected"
+    assert record.fields["status"] == 400  # type: ignore[attr-defined]
+
+
+def test_bad_chunk_size_is_400_and_closes(conn: Connection) -> None:
+    # The head is fine, so the app has started and waits for the body; the body
+    # is not: the client gets 400 and the app sees the connection go away.
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert len(conn.app_calls) == 1
+    conn.feed(b"zz\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 400 ")
+    assert conn.transport.is_closing()
+    conn.lose()
+    assert conn.received[-1]["type"] == "http.disconnect"
+
+
+def test_bad_pipelined_request_does_not_take_the_place_of_the_earlier_response(
+    conn: Connection,
+) -> None:
+    # Answering 400 at once would be read by the client as the response to the
+    # first request, which the app is still serving: finish it, then close.
+    conn.feed(GET + b"GET / HTTP/1.1\r\n\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert b"connection: close" in conn.transport.buffer.lower()
+    assert b" 400 " not in conn.transport.buffer
+    assert conn.transport.is_closing()
+    assert len(conn.app_calls) == 1
+
+
+def test_data_after_a_rejection_is_ignored(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/1.1\r\n\r\n")
+    written = conn.transport.buffer
+    conn.feed(GET)
+    assert conn.transport.buffer == written
+    assert conn.app_calls == []
+
+
+# Head size
+
+
+def test_100kb_header_is_431(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    conn.assert_rejected(431)
+
+
+def test_header_trickled_over_many_reads_is_431_once_over_the_cap(conn: Connection) -> None:
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: ")
+    piece = b"a" * 1000
+    for _ in range(MAX_HEAD_BYTES // len(piece) + 2):
+        conn.feed(piece)
+        if conn.transport.is_closing():
+            break
+    conn.assert_rejected(431)
+
+
+def test_many_small_headers_over_the_cap_are_431(conn: Connection) -> None:
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n").assert_rejected(431)
+
+
+def test_oversized_request_line_is_431(conn: Connection) -> None:
+    conn.feed(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n").assert_rejected(431)
+
+
+def test_head_just_under_the_cap_is_served(conn: Connection) -> None:
+    value = b"a" * (MAX_HEAD_BYTES - 1024)
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + value + b"\r\n\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+
+
+def test_large_body_is_not_counted_as_head(conn: Connection) -> None:
+    body = b"x" * (2 * MAX_HEAD_BYTES)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+
+
+# Head deadline
+
+
+@pytest.fixture
+def short_head_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fluxgate.protocol, "HEAD_TIMEOUT", 0.05)
+
+
+@pytest.mark.usefixtures("short_head_timeout")
+def test_incomplete_head_is_408_when_the_timer_fires(loop: asyncio.AbstractEventLoop) -> None:
+    conn = Connection(loop, gate=None)
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\n")
+    conn.wait_closed()
+    conn.assert_rejected(408)
+
+
+@pytest.mark.usefixtures("short_head_timeout")
+def test_connection_that_sends_nothing_is_408(loop: asyncio.AbstractEventLoop) -> None:
+    conn = Connection(loop, gate=None)
+    conn.wait_closed()
+    conn.assert_rejected(408)
+
+
+@pytest.mark.usefixtures("short_head_timeout")
+def test_byte_trickling_does_not_reset_the_head_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    conn = Connection(loop, gate=None)
+    conn.feed(b"GET / HTTP/1.1\r\n")
+
+    async def trickle() -> None:
+        while not conn.transport.is_closing():
+            conn.protocol.data_received(b"X")
+            await asyncio.sleep(0.005)
+
+    loop.run_until_complete(asyncio.wait_for(trickle(), 5))
+    conn.assert_rejected(408)
+
+
+@pytest.mark.usefixtures("short_head_timeout")
+def test_complete_head_cancels_the_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    conn = Connection(loop, gate=None)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n")
+    loop.run_until_complete(asyncio.sleep(0.2))  # well past the (patched) head timeout
+    assert not conn.transport.is_closing()
+    conn.feed(b"body")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+
+
+# §4.4 Connection limit
+
+
+def connection_table() -> ConnectionTable:
+    """Two worker slots, set up as the master does before forking each worker."""
+    table = ConnectionTable(size=2)
+    table.reset_slot(0)
+    table.reset_slot(1)
+    return table
+
+
+def test_connection_over_the_limit_gets_503(loop: asyncio.AbstractEventLoop) -> None:
+    table = connection_table()
+    assert ConnectionGate(table, slot=0, limit=1).acquire()  # one connection already admitted
+    conn = Connection(loop, gate=ConnectionGate(table, slot=1, limit=1))
+    conn.feed(GET).assert_rejected(503)
+    conn.lose()
+    assert table.total() == 1  # a refused connection never held a slot
+
+
+def test_admitted_connection_holds_a_slot_until_it_is_lost(loop: asyncio.AbstractEventLoop) -> None:
+    table = connection_table()
+    conn = Connection(loop, gate=ConnectionGate(table, slot=0, limit=1))
+    conn.feed(GET)
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert table.total() == 1
+    conn.lose()
+    assert table.total() == 0
+    Connection(loop, gate=ConnectionGate(table, slot=1, limit=1)).feed(GET)
+    assert table.total() == 1
+
+
+@pytest.mark.usefixtures("short_head_timeout")
+def test_incomplete_second_head_on_a_keep_alive_connection_is_408(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    conn = Connection(loop, gate=None)
+    conn.feed(GET)
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    answered = len(conn.transport.buffer)
+    conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\n")
+    conn.wait_closed()
+    assert conn.transport.buffer[answered:].startswith(b"HTTP/1.1 408 ")
