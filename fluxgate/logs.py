@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -43,11 +44,33 @@ _RESET: Final = "\x1b[0m"
 request_log = logging.getLogger("fluxgate.request")
 
 
+_NEEDS_QUOTES: Final = re.compile(r'[\s"=\\]')
+
+
 def _text_value(value: object) -> str:
+    if type(value) is int or type(value) is float:  # most fields: nothing to quote
+        return str(value)
     text = str(value)
-    if not text or any(c in text for c in ' "=\n\t'):
+    if not text or _NEEDS_QUOTES.search(text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
+
+
+class _SecondCache:
+    """gmtime+strftime cost more than the rest of a line; a second's prefix is reused."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def timestamp(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int(msecs):03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -56,31 +79,38 @@ class TextFormatter(logging.Formatter):
     def __init__(self, colour: bool) -> None:
         super().__init__()
         self.colour = colour
+        self._clock = _SecondCache()
+        self._levels = {
+            logging.getLevelName(name): self._level_text(name)
+            for name in ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        }
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        ms = int(record.msecs)
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
+        return self._clock.timestamp(record.created, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname
-        if level == "WARNING":
-            level = "WARN"
-        if self.colour:
-            level = _COLOURS.get(record.levelname, "") + f"{level:<5}" + _RESET
-        else:
-            level = f"{level:<5}"
-        parts = [level, self.formatTime(record), record.getMessage()]
+        level = self._levels.get(record.levelno) or self._level_text(record.levelname)
+        line = (
+            f"{level} {self._clock.timestamp(record.created, record.msecs)} {record.getMessage()}"
+        )
         fields: Mapping[str, Any] | None = getattr(record, "fields", None)
         if fields:
-            parts.extend(f"{k}={_text_value(v)}" for k, v in fields.items())
-        line = " ".join(parts)
+            line += " " + " ".join([f"{k}={_text_value(v)}" for k, v in fields.items()])
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
+    def _level_text(self, levelname: str) -> str:
+        text = f"{'WARN' if levelname == 'WARNING' else levelname:<5}"
+        return _COLOURS.get(levelname, "") + text + _RESET if self.colour else text
+
 
 class FieldsJsonFormatter(JsonFormatter):
     """One JSON object per line; a record's `fields` become top-level keys."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = _SecondCache()
 
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
@@ -90,7 +120,7 @@ class FieldsJsonFormatter(JsonFormatter):
         if fields:
             log_data.update(fields)
         log_data["level"] = "WARN" if record.levelname == "WARNING" else record.levelname
-        log_data["timestamp"] = TextFormatter.formatTime(self, record)  # type: ignore[arg-type]
+        log_data["timestamp"] = self._clock.timestamp(record.created, record.msecs)
 
 
 def parse_level(value: str | None) -> int:
@@ -145,6 +175,12 @@ _RESERVED: Final = [
 
 def configure_logging(env: Mapping[str, str] | None = None) -> logging.Handler:
     """Install one handler on the loggers Fluxgate and its libraries write to."""
+    # No line shows the caller's file, thread or process: skip collecting them
+    # for every record (the logging docs' own advice for speed).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     env = os.environ if env is None else env
     level = parse_level(env.get("FLUXGATE_LOG"))
     handler = make_handler(env)
