@@ -29,6 +29,7 @@ test: lint
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	sh bench/setup.sh $(BIN)/python
 	$(BIN)/python -m bench.run
 
 clean:

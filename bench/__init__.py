@@ -1,0 +1,1 @@
+"""`make bench`: Fluxgate against direct, nginx and a minimal pass-through (see BENCHMARKS.md)."""

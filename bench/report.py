@@ -1,0 +1,415 @@
+"""Turn the raw results of bench.run into BENCHMARKS.md and one chart (bench/latency.png).
+
+python -m bench.report [bench/results/latest.json]   # re-render without re-running
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MARKDOWN = HERE.parent / "BENCHMARKS.md"
+CHART = HERE / "latency.png"
+SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace"]
+LABELS = {
+    "direct": "direct",
+    "nginx": "nginx proxy_pass",
+    "passthrough": "pass-through",
+    "fluxgate": "Fluxgate",
+    "fluxgate-trace": "Fluxgate, TRACE log",
+}
+SHORT = {
+    "direct": "direct",
+    "nginx": "nginx",
+    "passthrough": "pass-\nthrough",
+    "fluxgate": "Fluxgate",
+    "fluxgate-trace": "Fluxgate\nTRACE",
+}
+PERCENTILES = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
+
+Stat = tuple[float, float, float]  # median, min, max
+
+
+def stat(values: Sequence[float]) -> Stat:
+    return statistics.median(values), min(values), max(values)
+
+
+def per_round(runs: dict[str, list[dict[str, Any]]], name: str, key: str) -> list[float]:
+    return [float(r[key]) for r in runs[name]]
+
+
+def paired(
+    runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str,
+    op: Callable[[float, float], float],
+) -> Stat:  # fmt: skip
+    """`op(a, b)` round by round (the systems of one round ran back to back), summarised."""
+    return stat([op(x[key], y[key]) for x, y in zip(runs[a], runs[b], strict=True)])
+
+
+def fmt(s: Stat | None, digits: int = 3, scale: float = 1.0) -> str:
+    if s is None:
+        return "—"
+    med, lo, hi = (v * scale for v in s)
+    return f"**{med:.{digits}f}** ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def derive(raw: dict[str, Any]) -> dict[str, Any]:
+    lat, thr, sse = raw["latency_1c"], raw["throughput_64c"], raw["sse"]
+    d: dict[str, Any] = {"lat": {}, "thr": {}, "sse": {}, "ratios": {}}
+    diff = lambda x, y: (x - y) / 1000  # noqa: E731 (µs to ms)
+    for name in SYSTEMS:
+        d["lat"][name] = {p: stat(per_round(lat, name, p)) for p, _ in PERCENTILES}
+        if name != "direct":
+            d["lat"][name]["added_p50"] = paired(lat, name, "direct", "p50", diff)
+            d["lat"][name]["added_p99"] = paired(lat, name, "direct", "p99", diff)
+        d["thr"][name] = {
+            k: stat(per_round(thr, name, k)) for k in ("rps", "p50", "p99", "cpu_us_per_req")
+        }
+        d["thr"][name]["errors"] = sum(r["errors"] for r in thr[name])
+    for name in sse:
+        d["sse"][name] = {
+            "ttfb": stat(per_round(sse, name, "ttfb_p50_ms")),
+            "own_read": all(r["max_events_per_read"] == 1 for r in sse[name]),
+            "complete": sum(r["streams_complete"] for r in sse[name]),
+            "streams": sum(r["streams"] for r in sse[name]),
+        }
+        if name != "direct":
+            d["sse"][name]["added"] = paired(sse, name, "direct", "ttfb_p50_ms", lambda x, y: x - y)
+    ratio = lambda x, y: x / y  # noqa: E731
+    for label, a, b in (
+        ("Fluxgate / nginx", "fluxgate", "nginx"),
+        ("Fluxgate / pass-through", "fluxgate", "passthrough"),
+        ("pass-through / nginx", "passthrough", "nginx"),
+        ("Fluxgate TRACE / Fluxgate (logging cost)", "fluxgate-trace", "fluxgate"),
+    ):
+        d["ratios"][label] = paired(thr, a, b, "rps", ratio)
+    d["trace_added_p50"] = paired(lat, "fluxgate-trace", "fluxgate", "p50", diff)
+    rl = raw["reload"]
+    d["reload"] = {
+        "failed": rl["wrk"]["errors"] + len(rl["poll_unexpected_statuses"]),
+        "requests": rl["wrk"]["requests"],
+    }
+    for phase in ("idle", "load"):
+        done = [x for x in rl[f"{phase}_s"] if x is not None]
+        every = [x[-1] * 1000 for x in done]
+        d["reload"][phase] = stat(every) if every else None
+        d["reload"][f"{phase}_first"] = stat([x[0] * 1000 for x in done]) if done else None
+        d["reload"][f"{phase}_p90"] = (
+            statistics.quantiles(every, n=10)[-1] if len(every) > 1 else None
+        )
+        d["reload"][f"{phase}_timeouts"] = len(rl[f"{phase}_s"]) - len(done)
+    return d
+
+
+def _row(title: str, cells: list[str]) -> str:
+    return f"| {title} | " + " | ".join(cells) + " |"
+
+
+def _targets(d: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    fg = d["lat"]["fluxgate"]
+    fgt = d["lat"]["fluxgate-trace"]
+    checks = [
+        ("added p50 at 1 connection ≤ 0.5 ms", fg["added_p50"][0] <= 0.5,
+         f"{fg['added_p50'][0]:.3f} ms"),
+        ("added p99 at 1 connection ≤ 1 ms", fg["added_p99"][0] <= 1.0,
+         f"{fg['added_p99'][0]:.3f} ms"),
+        ("throughput ≥ 90% of the pass-through", d["ratios"]["Fluxgate / pass-through"][0] >= 0.9,
+         f"{d['ratios']['Fluxgate / pass-through'][0]:.0%}"),
+        ("added p50 with TRACE on ≤ 0.5 ms (goal 0.35 ms)", fgt["added_p50"][0] <= 0.5,
+         f"{fgt['added_p50'][0]:.3f} ms"),
+        ("TRACE on within 10% of logging off (throughput)",
+         d["ratios"]["Fluxgate TRACE / Fluxgate (logging cost)"][0] >= 0.9,
+         f"{d['ratios']['Fluxgate TRACE / Fluxgate (logging cost)'][0]:.0%}"),
+        ("SSE: every event its own read", d["sse"]["fluxgate"]["own_read"],
+         "yes" if d["sse"]["fluxgate"]["own_read"] else "no"),
+        ("SSE: added time to first byte ≤ 1 ms", d["sse"]["fluxgate"]["added"][0] <= 1.0,
+         f"{d['sse']['fluxgate']['added'][0]:.3f} ms"),
+        ("reload live in every worker ≤ 100 ms (idle)",
+         d["reload"]["idle"] is not None and d["reload"]["idle"][2] <= 100
+         and not d["reload"]["idle_timeouts"],
+         "—" if d["reload"]["idle"] is None else f"max {d['reload']['idle'][2]:.0f} ms"),
+        ("0 failed requests during reloads under load", d["reload"]["failed"] == 0,
+         f"{d['reload']['failed']} of {d['reload']['requests']}"),
+        ("1,000 concurrent streams held",
+         raw["memory"]["streams_1000"]["fluxgate"]["held_to_end"] == 1000,
+         f"{raw['memory']['streams_1000']['fluxgate']['held_to_end']}"),
+    ]  # fmt: skip
+    lines = ["| SPEC §7 target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, ok, v in checks]
+    return lines
+
+
+def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
+    m, v, mem = raw["machine"], raw["versions"], raw["memory"]
+    s = raw["settings"]
+    head = [LABELS[n] for n in SYSTEMS]
+    sep = "|---" * (len(SYSTEMS) + 1) + "|"
+    lat, thr = d["lat"], d["thr"]
+
+    def cells(fn: Callable[[str], str]) -> list[str]:
+        return [fn(n) for n in SYSTEMS]
+
+    def sse_cell(n: str, key: str) -> str:
+        return fmt(d["sse"][n].get(key)) if n in d["sse"] else "—"
+
+    def mem_cell(n: str, get: Callable[[dict[str, Any]], Any], section: str) -> str:
+        src = mem[section]
+        return f"{get(src[n]):.0f}" if n in src else "—"
+
+    bulk = mem["bulk_1gib"]
+    streams = mem["streams_1000"]
+    table = [
+        _row("", head), sep,
+        _row("**1 connection**: p50 latency, ms", cells(lambda n: fmt(lat[n]["p50"], scale=1e-3))),
+        _row("p99 latency, ms", cells(lambda n: fmt(lat[n]["p99"], scale=1e-3))),
+        _row("*added* p50 over direct, ms",
+             cells(lambda n: fmt(lat[n].get("added_p50")))),
+        _row("*added* p99 over direct, ms",
+             cells(lambda n: fmt(lat[n].get("added_p99")))),
+        _row("**64 connections**: requests/s", cells(lambda n: fmt(thr[n]["rps"], 0))),
+        _row("p50 latency, ms", cells(lambda n: fmt(thr[n]["p50"], 2, 1e-3))),
+        _row("p99 latency, ms", cells(lambda n: fmt(thr[n]["p99"], 2, 1e-3))),
+        _row("server CPU per request, µs", cells(lambda n: fmt(thr[n]["cpu_us_per_req"], 0))),
+        _row("errors and non-2xx (all rounds)", cells(lambda n: str(thr[n]["errors"]))),
+        _row("**SSE**: time to first event, ms", cells(lambda n: sse_cell(n, "ttfb"))),
+        _row("*added* time to first event, ms", cells(lambda n: sse_cell(n, "added"))),
+        _row("every event its own read", cells(
+            lambda n: ("yes" if d["sse"][n]["own_read"] else "**no**")
+            + f" ({d['sse'][n]['complete']}/{d['sse'][n]['streams']} streams whole)"
+            if n in d["sse"] else "—")),
+        _row("**RSS, MiB** (all processes): idle",
+             cells(lambda n: f"{mem['idle'][n]:.0f}")),
+        _row("after the load", cells(lambda n: f"{mem['after_load'][n]:.0f}")),
+        _row("holding 1,000 open streams",
+             cells(lambda n: mem_cell(n, lambda x: x["rss_mib"], "streams_1000"))),
+        _row("after those streams closed",
+             cells(lambda n: mem_cell(n, lambda x: x["rss_after_close_mib"], "streams_1000"))),
+        _row("peak during 1 GiB upload",
+             cells(lambda n: mem_cell(n, lambda x: x["upload"]["peak_rss_mib"], "bulk_1gib"))),
+        _row("peak during 1 GiB download",
+             cells(lambda n: mem_cell(n, lambda x: x["download"]["peak_rss_mib"], "bulk_1gib"))),
+        _row("peak of one worker, upload / download", cells(
+            lambda n: f"{bulk[n]['upload']['peak_worker_rss_mib']:.0f} / "
+            f"{bulk[n]['download']['peak_worker_rss_mib']:.0f}" if n in bulk else "—")),
+        _row("at the end of the run", cells(lambda n: f"{mem['after_all'][n]:.0f}")),
+        _row("**1 GiB** upload / download, MiB/s", cells(
+            lambda n: f"{bulk[n]['upload']['mib_s']:.0f} / {bulk[n]['download']['mib_s']:.0f}"
+            if n in bulk else "—")),
+    ]  # fmt: skip
+    ratios = ["| throughput at 64 connections | median | min | max |", "|---|---|---|---|"]
+    ratios += [
+        f"| {label} | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} |"
+        for label, r in d["ratios"].items()
+    ]
+    rl = d["reload"]
+    n_idle, n_load = len(raw["reload"]["idle_s"]), len(raw["reload"]["load_s"])
+
+    def reload_row(title: str, value: Stat | None) -> str:
+        cells = " | ".join(f"{x:.1f}" for x in value) if value else "— | — | —"
+        return f"| {title} | {cells} |"
+
+    reload_rows = [
+        "| reload: from writing the file, ms | median | min | max |", "|---|---|---|---|",
+        reload_row(f"first request with the new key served, idle ({n_idle} reloads)",
+                   rl["idle_first"]),
+        reload_row("new key served by every worker, idle", rl["idle"]),
+        reload_row(f"first request with the new key served, under load ({n_load} reloads)",
+                   rl["load_first"]),
+        reload_row("new key served by every worker, under load", rl["load"]),
+    ]  # fmt: skip
+    fs = streams["fluxgate"]
+    logs = raw.get("logs", {})
+    fg_log = logs.get("fluxgate", {})
+    log_note = (
+        "none" if not fg_log.get("warnings_or_errors")
+        else f"{fg_log['warnings_or_errors']}, e.g. `{fg_log['sample'][0][:160]}`"
+    )  # fmt: skip
+    return "\n".join([
+        "# Benchmarks",
+        "",
+        "Fluxgate against the same requests sent directly to the upstream, through nginx",
+        "`proxy_pass` and through a minimal uvicorn + aiohttp pass-through",
+        "([bench/passthrough.py](bench/passthrough.py), the yardstick of SPEC §7). Everything runs",
+        "on 127.0.0.1 on one machine; every scenario interleaves the systems round by round (the",
+        "order rotated each round) so drift hits all alike, and each figure is the **median** of",
+        f"{s['repeats']} rounds with (min–max). Reproduce with:",
+        "",
+        "```sh",
+        "make bench   # installs Debian's nginx and wrk if missing, then python -m bench.run",
+        "```",
+        "",
+        f"It took {raw['seconds'] / 60:.1f} minutes for this run. Raw numbers land in",
+        "`bench/results/` (not committed); `python -m bench.report` re-renders this page from",
+        "`bench/results/latest.json`.",
+        "",
+        f"## Results ({raw['started'][:10]}, commit `{v['git']}`)",
+        "",
+        *(
+            [
+                f"> The machine was {m['busy_before']:.0%} busy with other work just before this"
+                " run; the tails (p99) and the min–max ranges show it. Medians of interleaved",
+                "> rounds and the ratios are the figures to compare.",
+                "",
+            ]
+            if m["busy_before"] > 0.1
+            else []
+        ),
+        *table,
+        "",
+        *ratios,
+        "",
+        f"Logging: the TRACE line per request (stderr to /dev/null) adds "
+        f"{fmt(d['trace_added_p50'])} ms to the p50 at one connection.",
+        "",
+        *reload_rows,
+        "",
+        f"During the {len(raw['reload']['load_s'])} reloads under load: "
+        f"**{rl['failed']} failed requests** of {rl['requests']} (wrk: connect/read/write errors,"
+        f" timeouts and non-2xx; plus any status other than 200/401 on the polling connections);"
+        f" {raw['reload']['generations']} config generations applied in all;"
+        f" {rl['load_timeouts']} reloads not seen within 5 s"
+        + (f"; 90th percentile to every worker {rl['load_p90']:.1f} ms." if rl["load_p90"]
+           else ".")
+        + " Under load the polling requests themselves queue behind wrk's 64 connections"
+        " (see the 64-connection p50), which is part of these figures.",
+        "",
+        f"1,000 concurrent streams through Fluxgate: {fs['opened']} opened in"
+        f" {fs['open_all_s']} s, {fs['held_to_end']} held to the end, {fs['errors']} errors;"
+        f" workers at {' and '.join(f'{x:.0f}' for x in fs['worker_rss_mib'])} MiB."
+        f" WARNING/ERROR lines in Fluxgate's log (level ERROR) over the run: {log_note}.",
+        "",
+        "Idle RSS per process, MiB (parent first): "
+        + "; ".join(
+            f"{LABELS[n]} {' + '.join(f'{x:.0f}' for x in mem['idle_processes'][n])}"
+            for n in SYSTEMS
+            if n in mem.get("idle_processes", {})
+        )
+        + ".",
+        "",
+        *_targets(d, raw),
+        "",
+        f"![Latency percentiles at one connection and throughput at 64]({CHART.relative_to(HERE.parent)})",  # noqa: E501
+        "",
+        "## Machine and versions",
+        "",
+        f"- {m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB; {m['os']}, Linux {m['kernel']}",
+        f"- load average before / after the run: {' '.join(m['loadavg_before'])} / "
+        f"{' '.join(m.get('loadavg_after', []))}; CPU busy in the 2 s before it: "
+        f"{m['busy_before']:.0%}",
+        f"- Python {v['python']}, fluxgate {v['fluxgate']}, uvicorn {v['uvicorn']}, aiohttp "
+        f"{v['aiohttp']}, gunicorn {v['gunicorn']}, uvloop {v['uvloop']}, httptools "
+        f"{v['httptools']}; {v['nginx']}; {v['wrk']}",
+        "",
+        "## What is measured, and how",
+        "",
+        "- **Upstreams.** A canned OpenAI chat completion (≈500 bytes of JSON) from nginx",
+        "  (2 workers, `return 200`, keep-alive, no access log) is the fast upstream that is never",
+        "  the bottleneck; [bench/sse_upstream.py](bench/sse_upstream.py) (asyncio + uvloop) emits",
+        "  timed SSE events (each its own chunk and write) and sinks or sources the 1 GiB bodies.",
+        "- **Systems**, each with 2 workers: *direct* (the upstream itself); *nginx* `proxy_pass`",
+        "  with an upstream keep-alive pool (`keepalive 128`, HTTP/1.1, Bearer swap, access log",
+        "  off, buffering off for SSE and bulk bodies); *pass-through*: `uvicorn --workers 2` with",
+        "  uvloop and httptools serving bench/passthrough.py; *Fluxgate*: `fluxgate-supervisor",
+        "  start --workers 2` with one static key and `FLUXGATE_LOG=ERROR`; *Fluxgate, TRACE log*:",
+        "  a second instance with the default TRACE level, its stderr sent to /dev/null.",
+        "- **Request.** `POST /v1/chat/completions` (through the proxies",
+        "  `/openai/v1/chat/completions`) with a 74-byte JSON body and `Authorization: Bearer`.",
+        f"- **1 connection**: `wrk -t1 -c1 -d{s['latency_duration_s']:g}s` with",
+        "  [bench/wrk_report.lua](bench/wrk_report.lua), whose `done()` prints wrk's per-request",
+        "  latency histogram (1 µs resolution) as JSON. *Added* latency is the system's",
+        "  percentile minus direct's in the same round.",
+        f"- **64 connections**: `wrk -t2 -c64 -d{s['duration_s']:g}s`, after a 2 s warm-up per",
+        "  system. Server CPU per request: utime+stime of the system's process tree over the run",
+        "  divided by its requests. The machine has 2 cores and nothing is pinned: wrk and the",
+        "  servers share them, as do the upstream and the proxy, so absolute numbers are lower",
+        "  than on separate machines; the ratios are the point.",
+        "- **SSE**: 20 streams of 6 events 10 ms apart per round on one keep-alive connection;",
+        "  time to first byte is from sending the request to the first read holding event bytes",
+        "  (headers alone do not count; p50 per round),",
+        "  and whether any single `recv()` ever held more than one event.",
+        "- **Memory**: VmRSS from /proc summed over the process tree (supervisor or master plus",
+        "  workers; for the pass-through also uvicorn's parent). Pages shared after fork are",
+        "  counted in every process, so sums overstate real use. *Idle* is just after start,",
+        "  *after the load* follows all latency and throughput rounds. 1,000 open streams: an",
+        "  asyncio client opens 1,000 connections to a stream that sends an event every 0.5 s",
+        "  (24 in all), waits for each first event and holds them all 4 s while RSS is sampled;",
+        "  Fluxgate and nginx close the upstream side as soon as the client leaves, the minimal",
+        "  pass-through does not (its streams run on until the upstream ends them). 1 GiB bodies:",
+        "  a Content-Length upload from a generator and a download into a sink, RSS sampled",
+        "  every 20 ms; the figure is the peak.",
+        "- **Reload**: the config file is replaced (write a sibling, rename) with one more static",
+        "  key; one keep-alive connection pinned to each worker (told apart by",
+        "  `/_fluxgate/health`'s pid) polls with that key, the workers in turn, every 0.5 ms",
+        "  until both answer 200 (no pause between reloads under load). 10",
+        f"  reloads idle, then {s['reloads']} back to back while wrk keeps 64 connections busy.",
+        "",
+    ])  # fmt: skip
+
+
+def chart(raw: dict[str, Any], d: dict[str, Any], path: Path = CHART) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(SYSTEMS)
+    colours = ["#7f7f7f", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e"]
+    for i, name in enumerate(SYSTEMS):
+        meds = [d["lat"][name][p][0] / 1000 for p, _ in PERCENTILES]
+        lo = [meds[j] - d["lat"][name][p][1] / 1000 for j, (p, _) in enumerate(PERCENTILES)]
+        hi = [d["lat"][name][p][2] / 1000 - meds[j] for j, (p, _) in enumerate(PERCENTILES)]
+        xs = [j + (i - (len(SYSTEMS) - 1) / 2) * width for j in range(len(PERCENTILES))]
+        ax1.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=LABELS[name], color=colours[i])
+    ax1.set_xticks(range(len(PERCENTILES)), [label for _, label in PERCENTILES])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("latency, ms (log scale)")
+    ax1.set_title("One connection: latency percentiles")
+    ax1.legend(fontsize=8)
+    ax1.grid(axis="y", which="both", alpha=0.3)
+    rps = [d["thr"][n]["rps"] for n in SYSTEMS]
+    ax2.bar(
+        range(len(SYSTEMS)),
+        [r[0] for r in rps],
+        yerr=[[r[0] - r[1] for r in rps], [r[2] - r[0] for r in rps]],
+        capsize=3,
+        color=colours,
+    )
+    for i, r in enumerate(rps):
+        ax2.text(i, r[0], f"{r[0]:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks(range(len(SYSTEMS)), [SHORT[n] for n in SYSTEMS], fontsize=8)
+    ax2.set_ylabel("requests/s")
+    ax2.set_title("64 connections: throughput")
+    ax2.grid(axis="y", alpha=0.3)
+    m = raw["machine"]
+    title = (
+        f"Fluxgate benchmark, {raw['started'][:10]}: {m['nproc']} cores ({m['cpu']}), "
+        f"median of {raw['settings']['repeats']} rounds, bars min–max"
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(raw: dict[str, Any]) -> None:
+    d = derive(raw)
+    chart(raw, d)
+    MARKDOWN.write_text(markdown(raw, d))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else HERE / "results" / "latest.json"
+    write(json.loads(path.read_text()))
+    print(f"wrote {MARKDOWN} and {CHART}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Start and stop everything the benchmark measures, on 127.0.0.1 only, in one temp dir.
+
+- `canned`: nginx returning a canned OpenAI chat completion (the fast upstream);
+- `sse`: bench.sse_upstream (timed SSE events, bulk upload/download);
+- `nginx`: nginx `proxy_pass` with an upstream keep-alive pool, 2 workers;
+- `passthrough`: bench.passthrough under uvicorn --workers 2 (uvloop, httptools);
+- `fluxgate` (FLUXGATE_LOG=ERROR) and `fluxgate-trace` (TRACE, stderr to /dev/null), 2 workers.
+
+`Stack` starts them all, so that every scenario can interleave the systems,
+and always stops them (context manager, plus atexit for a killed run).
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_KEY = "bench-client-key"
+UPSTREAM_KEY = "sk-bench-upstream"
+JSON_PATH = "/v1/chat/completions"
+CANNED = {
+    "id": "chatcmpl-bench0001",
+    "object": "chat.completion",
+    "created": 1767225600,
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+    "system_fingerprint": "fp_bench",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from /proc/<pid>/task/*/children."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class System:
+    """One thing clients talk to, and the process tree that serves it."""
+
+    name: str
+    port: int  # where the canned JSON is reached
+    json_path: str
+    sse_port: int  # where the SSE upstream's paths are reached
+    sse_prefix: str
+    proc: subprocess.Popen[bytes]
+    config_path: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid)
+
+    def rss_mib(self) -> float:
+        return sum(rss_kib(p) for p in self.pids()) / 1024
+
+    def worker_rss_mib(self) -> list[float]:
+        return [rss_kib(p) / 1024 for p in self.pids()[1:]]
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids())
+
+
+def _nginx_conf(tmp: Path, name: str, workers: int, http_block: str) -> Path:
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / f"{name}-{sub}").mkdir(exist_ok=True)
+    conf = tmp / f"{name}.conf"
+    conf.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes {workers};\npid {tmp}/{name}.pid;\n"
+        f"error_log {tmp}/{name}-error.log warn;\n"
+        "events { worker_connections 8192; }\n"
+        "http {\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 75s;\n"
+        f"  client_body_temp_path {tmp}/{name}-body;\n  proxy_temp_path {tmp}/{name}-proxy;\n"
+        f"  fastcgi_temp_path {tmp}/{name}-fastcgi;\n  uwsgi_temp_path {tmp}/{name}-uwsgi;\n"
+        f"  scgi_temp_path {tmp}/{name}-scgi;\n{http_block}}}\n"
+    )
+    return conf
+
+
+def canned_conf(tmp: Path, port: int) -> Path:
+    body = json.dumps(CANNED).replace("\\", "\\\\").replace("'", "\\'")
+    return _nginx_conf(
+        tmp,
+        "canned",
+        2,
+        f"  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n"
+        f"    location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n",
+    )
+
+
+def proxy_conf(tmp: Path, port: int, canned: int, sse: int) -> Path:
+    common = (
+        'proxy_http_version 1.1; proxy_set_header Connection ""; '
+        f'proxy_set_header Authorization "Bearer {UPSTREAM_KEY}";'
+    )
+    return _nginx_conf(
+        tmp,
+        "proxy",
+        2,
+        f"  upstream canned {{ server 127.0.0.1:{canned}; keepalive 128; "
+        "keepalive_requests 10000000; }\n"
+        f"  upstream sse {{ server 127.0.0.1:{sse}; keepalive 128; }}\n"
+        f"  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n"
+        "    client_max_body_size 0;\n"
+        f"    location /openai/ {{ proxy_pass http://canned/; {common} }}\n"
+        f"    location /sse/ {{ proxy_pass http://sse/; {common} proxy_buffering off; "
+        "proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_request_buffering off; "
+        "proxy_read_timeout 600s; }\n  }\n",
+    )
+
+
+def fluxgate_doc(port: int, canned: int, sse: int, extra_keys: list[str]) -> dict[str, Any]:
+    keys = [{"id": "bench", "key": CLIENT_KEY}]
+    keys += [{"id": f"extra{i}", "key": k} for i, k in enumerate(extra_keys)]
+    return {
+        "version": 1,
+        "server": {"bind_address": f"127.0.0.1:{port}", "max_connections": 2000, "workers": 2},
+        "upstreams": {
+            "request_timeout_ms": 600000,
+            "openai": {
+                "request_path": "/openai",
+                "target_url": f"http://127.0.0.1:{canned}",
+                "api_key": UPSTREAM_KEY,
+            },
+            "sse": {
+                "request_path": "/sse",
+                "target_url": f"http://127.0.0.1:{sse}",
+                "api_key": UPSTREAM_KEY,
+            },
+        },
+        "api_keys": {"static": keys},
+    }
+
+
+def write_fluxgate_config(system: System, extra_keys: list[str]) -> None:
+    """Replace the config file atomically (write a sibling, rename), as deploy tools do."""
+    assert system.config_path is not None
+    doc = fluxgate_doc(system.port, system.ports["canned"], system.ports["sse"], extra_keys)
+    tmp = system.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, system.config_path)
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _wait(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            if http_get(port, path, headers)[0] < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)  # nothing to wait on but the port opening
+    raise RuntimeError(f"127.0.0.1:{port}{path} not ready within {timeout:.0f} s")
+
+
+def wait_workers(system: System, workers: int = 2, timeout: float = 30.0) -> None:
+    """Until the health endpoint has answered from `workers` distinct worker pids."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system.name}: only {len(seen)} workers answered")
+        try:
+            status, body = http_get(system.port, "/_fluxgate/health")
+            if status == 200:
+                seen.add(json.loads(body)["pid"])
+        except OSError:
+            time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own group, made by start_new_session
+            proc.wait()
+
+
+class Stack:
+    """Every server of the benchmark, started together and always stopped."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="fluxgate-bench-"))
+        self.procs: list[tuple[subprocess.Popen[bytes], int]] = []
+        self.systems: dict[str, System] = {}
+        self._files: list[TextIO] = []
+        self.keep = False
+        self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        atexit.register(self.close)
+
+    def _spawn(self, args: list[str], stderr: Any, env: dict[str, str] | None = None,
+               stop_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:  # fmt: skip
+        proc = subprocess.Popen(
+            args, cwd=self.tmp, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append((proc, stop_signal))
+        return proc
+
+    def _log(self, name: str) -> TextIO:
+        f = open(self.tmp / f"{name}.stderr", "w")  # noqa: SIM115 (closed in close())
+        self._files.append(f)
+        return f
+
+    def start(self) -> dict[str, System]:
+        ports = {n: free_port() for n in ("canned", "sse", "nginx", "passthrough", "fg", "fgt")}
+        c, s = ports["canned"], ports["sse"]
+        nginx_args = [self.nginx, "-e", str(self.tmp / "nginx-startup.log"), "-g", "daemon off;"]
+        canned = self._spawn([*nginx_args, "-c", str(canned_conf(self.tmp, c))],
+                             self._log("canned"), stop_signal=signal.SIGQUIT)  # fmt: skip
+        sse_args = [sys.executable, "-m", "bench.sse_upstream", "--port", str(s)]
+        sse = self._spawn(sse_args, self._log("sse"), env={**os.environ, "PYTHONPATH": str(ROOT)})
+        nginx = self._spawn(
+            [*nginx_args, "-c", str(proxy_conf(self.tmp, ports["nginx"], c, s))],
+            self._log("nginx"),
+            stop_signal=signal.SIGQUIT,
+        )
+        pt_env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PASSTHROUGH_ROUTES": f"/openai=http://127.0.0.1:{c},/sse=http://127.0.0.1:{s}",
+            "PASSTHROUGH_KEY": UPSTREAM_KEY,
+        }
+        passthrough = self._spawn(
+            [sys.executable, "-m", "uvicorn", "bench.passthrough:app", "--host", "127.0.0.1",
+             "--port", str(ports["passthrough"]), "--workers", "2", "--loop", "uvloop",
+             "--http", "httptools", "--no-access-log", "--log-level", "warning",
+             "--no-server-header", "--no-date-header"],
+            self._log("passthrough"), env=pt_env,
+        )  # fmt: skip
+        _wait(canned, c, JSON_PATH)
+        _wait(sse, s, "/stream?events=1")
+        self.systems["direct"] = System("direct", c, JSON_PATH, s, "", canned)
+        proxied = "/openai" + JSON_PATH
+        self.systems["nginx"] = System("nginx", ports["nginx"], proxied, ports["nginx"], "/sse",
+                                       nginx)  # fmt: skip
+        self.systems["passthrough"] = System(
+            "passthrough", ports["passthrough"], proxied, ports["passthrough"], "/sse", passthrough
+        )
+        for name, key, level in (("fluxgate", "fg", "ERROR"), ("fluxgate-trace", "fgt", "TRACE")):
+            config = self.tmp / f"{name}.yaml"
+            doc = fluxgate_doc(ports[key], c, s, [])
+            config.write_text(yaml.safe_dump(doc, sort_keys=False))
+            env = {**os.environ, "FLUXGATE_LOG": level, "FLUXGATE_LOG_STYLE": "never"}
+            env.pop("RUNTIME_DIRECTORY", None)
+            err: Any = subprocess.DEVNULL if level == "TRACE" else self._log(name)
+            supervisor = str(Path(sys.executable).parent / "fluxgate-supervisor")
+            proc = self._spawn([supervisor, "start", "--config", str(config), "--workers", "2"],
+                               err, env=env)  # fmt: skip
+            self.systems[name] = System(
+                name, ports[key], proxied, ports[key], "/sse", proc, config,
+                {"canned": c, "sse": s},
+            )  # fmt: skip
+        for system in self.systems.values():
+            _wait(system.proc, system.port, system.json_path)
+        for name in ("fluxgate", "fluxgate-trace"):
+            wait_workers(self.systems[name])
+        return self.systems
+
+    def stderr_text(self, name: str) -> str:
+        path = self.tmp / f"{name}.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def dead(self) -> list[str]:
+        """Servers that have exited, with their exit codes."""
+        return [f"{p.args!r} exited {p.returncode}" for p, _ in self.procs if p.poll() is not None]
+
+    def close(self, keep: bool = False) -> None:
+        """Stop everything; `keep` leaves the temp dir (configs, logs) for a post-mortem."""
+        for proc, sig in reversed(self.procs):
+            stop(proc, sig)
+        self.procs.clear()
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        if keep:
+            print(f"configs and logs kept in {self.tmp}", file=sys.stderr)
+            self.keep = True
+        elif not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
