@@ -8,12 +8,14 @@ are given the same handler so an operator reads one format.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -218,6 +220,83 @@ def loggable_target(target: bytes) -> str:
                 params[i] = name + b"=REDACTED"
         target = path + b"?" + b"&".join(params)
     return target.decode("latin-1")
+
+
+def loggable_url(url: str) -> str:
+    """An upstream URL for `target_url`, masked like `loggable_target`: the query
+    is forwarded as the client sent it, credential-like values included."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    return base + loggable_target(b"?" + query.encode("latin-1"))
+
+
+class RequestLog:
+    """The per-request TRACE line (SPEC §5), written in batches.
+
+    A line formatted in the middle of request handling costs about three
+    times what it costs in a loop (measured: ~35 µs against ~12 µs of CPU),
+    because the logging code is cold in the CPU caches by then. So a request
+    only queues its raw values and its end time; `render` turns them into
+    fields and the lines go through the normal logging path together, at most
+    `delay` seconds later (as nginx's buffered access_log does). Shutdown
+    flushes the queue; a worker killed outright loses at most `delay` of lines.
+    """
+
+    def __init__(
+        self,
+        render: Callable[[Any], dict[str, Any]],
+        logger: logging.Logger = request_log,
+        delay: float = 0.05,
+    ) -> None:
+        self.render = render
+        self.logger = logger
+        self.delay = delay
+        self._pending: list[tuple[float, Any]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, values: Any) -> None:
+        self._pending.append((time.time(), values))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        logger = self.logger
+        records = []
+        for created, values in pending:
+            fields = {k: v for k, v in self.render(values).items() if v is not None}
+            record = logger.makeRecord(
+                logger.name, TRACE, "", 0, "request", (), None, extra={"fields": fields}
+            )
+            record.created = created
+            record.msecs = (created % 1) * 1000
+            records.append(record)
+        for handler in _handlers(logger):
+            if isinstance(handler, logging.StreamHandler) and handler.level <= TRACE:
+                # One write for the batch instead of a write and a flush per line.
+                text = "".join([handler.format(r) + handler.terminator for r in records])
+                with handler.lock or contextlib.nullcontext():
+                    handler.stream.write(text)
+                    handler.flush()
+            else:
+                for record in records:
+                    handler.handle(record)
+
+
+def _handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record of `logger` reaches, as `Logger.callHandlers` finds them."""
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        found.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    return found
 
 
 def log_fields(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import httptools
@@ -21,7 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .errors import raw_error_response
 from .limits import ConnectionGate
 from .logs import TRACE, log_fields, loggable_target, request_log
-from .proxy import TARGET_SCOPE_KEY
+from .proxy import CONNECTION_SCOPE_KEY, TARGET_SCOPE_KEY
 
 HEAD_TIMEOUT: Final = 15.0  # seconds from connection or message start to a full head
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -40,6 +41,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.gate = gate
         self._admitted = False
         self._rejected = False
+        # Set by the app while it relays an exchange: called once if the client
+        # goes away, so the exchange is cancelled at once (see fluxgate.proxy).
+        self.on_lost: Callable[[], None] | None = None
         self._awaiting_head = True
         self._head_bytes = 0  # raw bytes received while the head is incomplete
         self._head_size = 0  # bytes of request line and headers parsed so far
@@ -55,6 +59,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            callback()
         if self._admitted and self.gate is not None:
             self.gate.release()
             self._admitted = False
@@ -77,6 +84,17 @@ class FluxgateProtocol(HttpToolsProtocol):
             return
         if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
             self._reject_head_too_large()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and cycle.more_body:
+            # Answered before the request body ended (an error such as 401 or 504,
+            # or an upstream that replied early). uvicorn would go on reading and
+            # dropping the rest with no deadline, and those bytes cancel its
+            # keep-alive timer: a client trickling a body, or idling once it is
+            # sent, would hold the connection and its max_connections slot forever.
+            self.transport.close()
 
     # Head deadline
 
@@ -156,6 +174,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         # uvicorn appends chunked trailers to this same list later: copy it.
         self.scope["headers"] = list(self.headers)
         self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
+        self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     # Rejections
