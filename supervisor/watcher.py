@@ -36,13 +36,15 @@ __all__ = ["ConfigWatcher"]
 
 logger = logging.getLogger("fluxgate.watcher")
 
-# IN_MODIFY is left out on purpose: it fires on every write(2), so reacting to
-# it would hand the master half-written files. IN_CLOSE_WRITE marks the end of
-# an in-place write; the rename/create/delete events cover the other ways a
-# file gets replaced, and IN_ATTRIB covers touch/chmod (and the link-count drop
-# of an unlink).
+# IN_MODIFY never triggers a call: it fires on every write(2), so reacting to
+# it would hand the master half-written files. It only marks an in-place write
+# as in progress, which holds back the periodic call (the poll would otherwise
+# read the half-written file) until IN_CLOSE_WRITE marks its end. The
+# rename/create/delete events cover the other ways a file gets replaced, and
+# IN_ATTRIB covers touch/chmod (and the link-count drop of an unlink).
 _DIR_MASK: int = int(
-    flags.CLOSE_WRITE
+    flags.MODIFY
+    | flags.CLOSE_WRITE
     | flags.MOVED_TO
     | flags.MOVED_FROM
     | flags.CREATE
@@ -55,6 +57,7 @@ _DIR_MASK: int = int(
 _SELF_EVENTS: int = int(flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT)
 _IGNORED: int = int(flags.IGNORED)
 _Q_OVERFLOW: int = int(flags.Q_OVERFLOW)
+_MODIFY: int = int(flags.MODIFY)
 
 # Failures of inotify_add_watch that mean "the directory vanished between the
 # check and the call": retry at once instead of waiting for the next poll.
@@ -130,6 +133,9 @@ class ConfigWatcher:
         self._armed: dict[str, _Armed] = {}
         self._filters: dict[int, list[_Filter]] = {}
         self._arm_errors: dict[str, int] = {}
+        # An in-place write to the file has begun (IN_MODIFY) and not ended
+        # (IN_CLOSE_WRITE, or the file replaced): the poll must not read it.
+        self._writing = False
 
     @property
     def path(self) -> str:
@@ -252,7 +258,9 @@ class ConfigWatcher:
                     # swapped in an unwatched ancestor only shows up here.
                     self._sync_watches()
                     next_poll = now + self._poll_interval
-                    due = True
+                    # Not in the middle of an in-place write: its close comes as
+                    # an event and gets a call of its own once the write is whole.
+                    due = not self._writing
                 # A pending burst still gets its own call after it settles even
                 # if the poll just fired: the poll may have read mid-burst.
                 if deadline is not None and now >= deadline:
@@ -282,6 +290,7 @@ class ConfigWatcher:
             wd = int(event.wd)
             if mask & _Q_OVERFLOW:
                 # Events were lost: assume the worst.
+                self._writing = False
                 relevant = resync = True
                 continue
             if mask & _IGNORED:
@@ -297,6 +306,10 @@ class ConfigWatcher:
             # Self events (directory deleted or moved) always count: the file
             # went with it.
             if mask & _SELF_EVENTS or any(f.matches(str(event.name)) for f in filters):
+                if mask == _MODIFY:
+                    self._writing = True  # a write(2) to the file: not a call
+                    continue
+                self._writing = False
                 relevant = resync = True
         # Re-arm now rather than after the debounce, so events of the same
         # burst in a newly created or newly resolved directory are not lost.
