@@ -293,6 +293,7 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         "",
         *_targets(d, raw),
         "",
+        *observability_section(),
         f"![Latency percentiles at one connection and throughput at 64]({CHART.relative_to(HERE.parent)})",  # noqa: E501
         "",
         "## Machine and versions",
@@ -315,8 +316,10 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         "  with an upstream keep-alive pool (`keepalive 128`, HTTP/1.1, Bearer swap, access log",
         "  off, buffering off for SSE and bulk bodies); *pass-through*: `uvicorn --workers 2` with",
         "  uvloop and httptools serving bench/passthrough.py; *Fluxgate*: `fluxgate-supervisor",
-        "  start --workers 2` with one static key and `FLUXGATE_LOG=ERROR`; *Fluxgate, TRACE log*:",
-        "  a second instance with the default TRACE level, its stderr sent to /dev/null.",
+        "  start --workers 2` with one static key, Prometheus metrics on (the default), token",
+        "  usage read from every response (`usage: openai`) and `FLUXGATE_LOG=ERROR`; *Fluxgate,",
+        "  TRACE log*: a second instance with the default TRACE level, its stderr sent to",
+        "  /dev/null. The cost of metrics and usage alone is in its own section below.",
         "- **Request.** `POST /v1/chat/completions` (through the proxies",
         "  `/openai/v1/chat/completions`) with a 74-byte JSON body and `Authorization: Bearer`.",
         f"- **1 connection**: `wrk -t1 -c1 -d{s['latency_duration_s']:g}s` with",
@@ -395,6 +398,12 @@ def chart(raw: dict[str, Any], d: dict[str, Any], path: Path = CHART) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def observability_section() -> list[str]:
+    from .observability import section  # it imports this module's helpers
+
+    return section()
 
 
 def write(raw: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ drift hits all alike. Raw results go to bench/results/<timestamp>.json (and
 latest.json); bench.report turns them into BENCHMARKS.md and bench/latency.png.
 
     python -m bench.run [--repeats 5] [--duration 5] [--latency-duration 3]
+    python -m bench.run --observability   # only the cost of metrics and token usage
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from . import clients, report
+from . import clients, observability, report
 from .servers import ROOT, Stack, System, http_get, rss_kib, write_fluxgate_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -221,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-duration", type=float, default=3.0, help="s per 1-conn run")
     parser.add_argument("--reloads", type=int, default=100, help="reloads under load")
     parser.add_argument("--no-report", action="store_true", help="only write the JSON")
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="only compare Fluxgate with metrics and token usage on and off",
+    )
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
@@ -231,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # A SIGTERM to the benchmark still stops every server it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.observability:
+        observability.main(args.repeats, args.duration, args.latency_duration)
+        latest = RESULTS / "latest.json"
+        if not args.no_report and latest.exists():
+            report.write(json.loads(latest.read_text()))
+            log("wrote BENCHMARKS.md")
+        return 0
     started = time.time()
     log("machine and versions")
     results: dict[str, Any] = {

@@ -167,23 +167,40 @@ def proxy_conf(tmp: Path, port: int, canned: int, sse: int) -> Path:
     )
 
 
-def fluxgate_doc(port: int, canned: int, sse: int, extra_keys: list[str]) -> dict[str, Any]:
+def fluxgate_doc(
+    port: int,
+    canned: int,
+    sse: int,
+    extra_keys: list[str],
+    *,
+    metrics: bool = True,
+    usage: str = "openai",
+) -> dict[str, Any]:
+    """Every feature on by default: Prometheus metrics and token usage of the
+    canned completion (bench.observability compares them with off)."""
     keys = [{"id": "bench", "key": CLIENT_KEY}]
     keys += [{"id": f"extra{i}", "key": k} for i, k in enumerate(extra_keys)]
     return {
         "version": 1,
-        "server": {"bind_address": f"127.0.0.1:{port}", "max_connections": 2000, "workers": 2},
+        "server": {
+            "bind_address": f"127.0.0.1:{port}",
+            "max_connections": 2000,
+            "workers": 2,
+            "metrics": metrics,
+        },
         "upstreams": {
             "request_timeout_ms": 600000,
             "openai": {
                 "request_path": "/openai",
                 "target_url": f"http://127.0.0.1:{canned}",
                 "api_key": UPSTREAM_KEY,
+                "usage": usage,
             },
             "sse": {
                 "request_path": "/sse",
                 "target_url": f"http://127.0.0.1:{sse}",
                 "api_key": UPSTREAM_KEY,
+                "usage": usage,
             },
         },
         "api_keys": {"static": keys},

@@ -22,6 +22,8 @@ DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_REQUEST_TIMEOUT_MS = 120_000
 DEFAULT_AUTH_HEADER = "authorization"
+DEFAULT_METRICS = True
+DEFAULT_USAGE = "off"
 
 # Keys of the `upstreams:` mapping that are settings, not upstream names.
 UPSTREAM_SETTINGS = frozenset({"request_timeout_ms"})
@@ -36,6 +38,11 @@ class ServerSettings:
     port: int
     max_connections: int
     workers: int | None
+    # Prometheus metrics (fluxgate.metrics): recorded and served when true;
+    # served by the master on `metrics_address` instead of the main listener
+    # when that is set.
+    metrics: bool = True
+    metrics_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,7 @@ class Upstream:
     base_path: bytes  # target_url path without its trailing "/"
     host_item: tuple[str, str]  # ("host", authority): port only when non-default
     credential: tuple[str, str] | None = field(repr=False)  # header set upstream
+    usage: str | None = None  # token usage format read from responses; None = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,8 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         value = f"Bearer {api_key}" if auth_header == "authorization" else api_key
         credential = (auth_header, value)
     request_path: str = doc["request_path"]
+    # YAML 1.1 reads an unquoted `off` as false: both mean off.
+    usage = doc.get("usage", DEFAULT_USAGE)
     return Upstream(
         name=name,
         request_path=request_path,
@@ -126,6 +136,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
         credential=credential,
+        usage=None if usage in (False, "off") else usage,
     )
 
 
@@ -144,6 +155,8 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         port=port,
         max_connections=server_doc.get("max_connections", DEFAULT_MAX_CONNECTIONS),
         workers=server_doc.get("workers"),
+        metrics=server_doc.get("metrics", DEFAULT_METRICS),
+        metrics_address=server_doc.get("metrics_address"),
     )
     upstreams_doc = doc.get("upstreams") or {}
     upstreams = tuple(

@@ -210,7 +210,14 @@ _CREDENTIAL_PARAMS: Final = frozenset(
 
 
 def loggable_target(target: bytes) -> str:
-    """The request-target for `request_url`, with credential-like query values masked."""
+    """The request-target for `request_url`, with credential-like query values masked,
+    and the userinfo of an absolute-form target (refused, but logged) too."""
+    if target[:1] != b"/":
+        scheme, sep, rest = target.partition(b"://")
+        authority, slash, tail = rest.partition(b"/")
+        if sep and b"@" in authority:
+            host = authority.rpartition(b"@")[2]
+            target = scheme + b"://REDACTED@" + host + slash + tail
     path, sep, query = target.partition(b"?")
     if sep and query:
         params = query.split(b"&")

@@ -22,11 +22,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .errors import raw_error_response
 from .limits import ConnectionGate
 from .logs import TRACE, log_fields, loggable_target, request_log
-from .proxy import CONNECTION_SCOPE_KEY, TARGET_SCOPE_KEY
+from .metrics import WorkerMetrics
+from .proxy import CONNECTION_SCOPE_KEY, TARGET_SCOPE_KEY, Exchange
 
 HEAD_TIMEOUT: Final = 15.0  # seconds from connection or message start to a full head
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 200
+# Seconds the rest of a request body may take once the response has been sent
+# (an early 401, 404, 504...): it is read and dropped, then the connection closes.
+DISCARD_TIMEOUT: Final = 5.0
 
 log = logging.getLogger("fluxgate.protocol")
 
@@ -36,9 +40,16 @@ class _Rejected(Exception):
 
 
 class FluxgateProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, gate: ConnectionGate | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        gate: ConnectionGate | None = None,
+        metrics: WorkerMetrics | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.gate = gate
+        self.metrics = metrics  # counts the requests answered here, before the app
         self._admitted = False
         self._rejected = False
         # Set by the app while it relays an exchange: called once if the client
@@ -48,6 +59,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # raw bytes received while the head is incomplete
         self._head_size = 0  # bytes of request line and headers parsed so far
         self._head_timer: asyncio.TimerHandle | None = None
+        self._discard_timer: asyncio.TimerHandle | None = None
 
     # Connection lifecycle
 
@@ -66,6 +78,8 @@ class FluxgateProtocol(HttpToolsProtocol):
             self.gate.release()
             self._admitted = False
         self._cancel_head_timer()
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -88,12 +102,35 @@ class FluxgateProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.response_complete and cycle.more_body:
-            # Answered before the request body ended (an error such as 401 or 504,
-            # or an upstream that replied early). uvicorn would go on reading and
-            # dropping the rest with no deadline, and those bytes cancel its
-            # keep-alive timer: a client trickling a body, or idling once it is
-            # sent, would hold the connection and its max_connections slot forever.
+        # Answered before the request body ended (an error such as 401 or 504, or
+        # an upstream that replied early). uvicorn reads and drops the rest with no
+        # deadline, and those bytes cancel its keep-alive timer: a client trickling
+        # a body, or idling once it is sent, would hold the connection and its
+        # max_connections slot forever. Bound the rest.
+        if (
+            cycle is not None
+            and cycle.response_complete
+            and cycle.more_body
+            and not self.transport.is_closing()
+        ):
+            self._discard_timer = self.loop.call_later(DISCARD_TIMEOUT, self._discard_ended)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._discard_timer is not None:
+            # The dropped body has ended in time: an idle keep-alive connection
+            # again, which needs the keep-alive timer its bytes cancelled.
+            self._discard_timer.cancel()
+            self._discard_timer = None
+            if not self.transport.is_closing():
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
+    def _discard_ended(self) -> None:
+        self._discard_timer = None
+        if not self.transport.is_closing():
             self.transport.close()
 
     # Head deadline
@@ -123,6 +160,7 @@ class FluxgateProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._unset_keepalive_if_required()  # armed above if a dropped body just ended
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_size = 0
@@ -207,6 +245,8 @@ class FluxgateProtocol(HttpToolsProtocol):
                 status=status,
                 reason=warn,
             )
+        if self.metrics is not None and self.metrics.recording:
+            self.metrics.add(Exchange.rejected(status, error_type), 0.0)
         if request_log.isEnabledFor(TRACE):
             method = self.scope.get("method") if self.scope else None
             if method is None and self._awaiting_head is False:

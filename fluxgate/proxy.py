@@ -28,12 +28,16 @@ from .config import Config, Upstream, default_config
 from .errors import ProxyError, StreamAborted, error_body, error_headers
 from .headers import client_headers, upstream_headers
 from .logs import TRACE, RequestLog, loggable_target, loggable_url, request_log
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import WorkerMetrics
 from .routing import match, upstream_target
 from .upstream import UPSTREAM_TIMEOUT, create_session, upstream_failure
+from .usage import Tap, open_tap
 
 # Fluxgate's own endpoints live under this prefix, which is never proxied.
 RESERVED_PREFIX: Final = b"/_fluxgate"
 HEALTH_PATHS: Final = frozenset({b"/_fluxgate/health", b"/_fluxgate/health/"})
+METRICS_PATHS: Final = frozenset({b"/_fluxgate/metrics", b"/_fluxgate/metrics/"})
 # Key under which the protocol layer puts the request-target exactly as received.
 TARGET_SCOPE_KEY: Final = "fluxgate.target"
 # Key under which the protocol layer puts itself, for its `on_lost` callback.
@@ -44,7 +48,7 @@ Message = dict[str, Any]
 
 _NOT_FOUND = ProxyError(404, "not_found", "no upstream matches this path", "no_route")
 _NO_ENDPOINT = ProxyError(404, "not_found", "no such Fluxgate endpoint", "no_route")
-_HEALTH_METHOD = ProxyError(405, "method_not_allowed", "use GET or HEAD", "method_not_allowed")
+_OWN_METHOD = ProxyError(405, "method_not_allowed", "use GET or HEAD", "method_not_allowed")
 
 
 class Exchange:
@@ -63,6 +67,7 @@ class Exchange:
         "target_url",
         "ttfb_ms",
         "upstream",
+        "usage",
     )
 
     def __init__(self) -> None:
@@ -78,6 +83,14 @@ class Exchange:
         self.client_gone = False
         self.finished = False
         self.response_length: int | None = None
+        self.usage: Tap | None = None  # set when the upstream has `usage` on
+
+    @classmethod
+    def rejected(cls, status: int, outcome: str) -> Exchange:
+        """A request the protocol layer answered before the app saw it."""
+        ex = cls()
+        ex.status, ex.outcome = status, outcome
+        return ex
 
 
 def _content_length(headers: list[tuple[bytes, bytes]], name: bytes) -> int | None:
@@ -102,6 +115,7 @@ class ProxyApp:
         self.session: aiohttp.ClientSession | None = None
         self.pid = os.getpid()
         self.request_log = RequestLog(_request_fields)
+        self.metrics = WorkerMetrics()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -118,6 +132,7 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.request_log.flush()
+                self.metrics.flush()
                 if self.session is not None:
                     await self.session.close()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -148,24 +163,43 @@ class ProxyApp:
             if not ex.client_gone:
                 ex.response_bytes = ex.response_length = await _send_error(send, err)
         finally:
+            duration = time.monotonic() - started
+            if config.server.metrics:
+                self.metrics.add(ex, duration)
             if request_log.isEnabledFor(TRACE):
-                self.request_log.add((scope, target, ex, time.monotonic() - started))
+                self.request_log.add((scope, target, ex, duration))
 
     async def _own_endpoint(
         self, config: Config, path: bytes, method: str, send: Any, ex: Exchange
     ) -> None:
-        if path not in HEALTH_PATHS:
+        if path in HEALTH_PATHS:
+            ex.outcome = "health"
+        elif path in METRICS_PATHS and self._serves_metrics(config):
+            ex.outcome = "metrics"
+        else:
             raise _NO_ENDPOINT
         if method not in ("GET", "HEAD"):
-            raise _HEALTH_METHOD
-        body = json.dumps(
-            {"status": "ok", "generation": config.generation, "pid": self.pid}
-        ).encode()
+            raise _OWN_METHOD
+        if ex.outcome == "metrics":
+            body = await self.metrics.render()
+            headers = [
+                (b"content-type", METRICS_CONTENT_TYPE.encode()),
+                (b"content-length", b"%d" % len(body)),
+            ]
+        else:
+            body = json.dumps(
+                {"status": "ok", "generation": config.generation, "pid": self.pid}
+            ).encode()
+            headers = error_headers(body)
         ex.status = 200
-        ex.outcome = "health"
         ex.response_bytes = ex.response_length = len(body)
-        await send({"type": "http.response.start", "status": 200, "headers": error_headers(body)})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _serves_metrics(self, config: Config) -> bool:
+        """The main listener serves metrics unless they are off or on their own address."""
+        server = config.server
+        return server.metrics and server.metrics_address is None and self.metrics.enabled
 
     async def _forward(
         self,
@@ -198,6 +232,7 @@ class ProxyApp:
         sent = time.monotonic()
         response: aiohttp.ClientResponse | None = None
         complete = False
+        self.metrics.open_stream(upstream.name)
         try:
             async with asyncio.timeout(config.request_timeout_ms / 1000):
                 try:
@@ -224,10 +259,18 @@ class ProxyApp:
                     }
                 )
                 ex.response_started = True
+                tap = None
+                if upstream.usage is not None:  # read the provider's token usage as it passes
+                    ex.usage = open_tap(
+                        upstream.usage, response.status, response.headers, ex.response_length
+                    )
+                    tap = ex.usage if ex.usage is not None and ex.usage.active else None
                 try:
                     async for chunk in response.content.iter_any():
                         ex.response_bytes += len(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        if tap is not None:
+                            tap.feed(chunk)
                 except (aiohttp.ClientError, OSError):
                     ex.outcome = "upstream_body_error"
                     raise StreamAborted from None
@@ -248,6 +291,7 @@ class ProxyApp:
         finally:
             ex.finished = True
             connection.on_lost = None
+            self.metrics.close_stream(upstream.name)
             if response is not None:
                 if complete:
                     response.release()
@@ -304,7 +348,7 @@ def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     """The log line's fields from what `ProxyApp.handle` queued (see logs.RequestLog)."""
     scope, target, ex, duration = values
     client = scope.get("client")
-    return {
+    fields: dict[str, Any] = {
         "client_ip": client[0] if client else None,
         "method": scope["method"],
         "request_url": loggable_target(target),
@@ -320,3 +364,6 @@ def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
         "response_bytes": ex.response_bytes,
         "response_body_length": ex.response_length,
     }
+    if ex.usage is not None and (usage := ex.usage.result()) is not None:
+        fields.update(usage.fields())
+    return fields

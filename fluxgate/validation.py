@@ -30,6 +30,11 @@ Choices where SPEC §3 is silent:
   rejected; ``api_key`` must be Latin-1 (how it is sent), static keys ASCII
   (clients disagree on encoding the rest). JWT secrets are only HMAC keys:
   any characters.
+- ``server.metrics_address`` follows the ``bind_address`` rules, must not
+  clash with ``bind_address`` (same port on the same or a wildcard host), and
+  is an error together with ``metrics: false`` (which of the two is meant?).
+- ``usage`` is ``openai``, ``anthropic`` or ``off``; an unquoted ``off`` is
+  the boolean false to YAML 1.1 and is accepted as ``off``.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
-from fluxgate.config import UPSTREAM_SETTINGS, split_bind_address
+from fluxgate.config import DEFAULT_BIND_ADDRESS, UPSTREAM_SETTINGS, split_bind_address
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
-SERVER_KEYS = ("bind_address", "max_connections", "workers")
-UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header")
+SERVER_KEYS = ("bind_address", "max_connections", "workers", "metrics", "metrics_address")
+UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header", "usage")
+USAGE_VALUES = ("openai", "anthropic", "off")
 API_KEYS_KEYS = ("static", "jwt")
 STATIC_KEY_KEYS = ("id", "key", "upstreams")
 JWT_KEY_KEYS = ("id", "key")
@@ -249,6 +255,27 @@ class _Validator:
         for name in ("max_connections", "workers"):
             if name in server:
                 self.positive_int(f"server.{name}", server[name])
+        self.metrics(server)
+
+    def metrics(self, server: dict[Any, Any]) -> None:
+        enabled = server.get("metrics", True)
+        if not isinstance(enabled, bool):
+            self.add("server.metrics", f"must be true or false, got {_shown(enabled)}")
+        if "metrics_address" not in server:
+            return
+        path = "server.metrics_address"
+        text = self.string(path, server["metrics_address"])
+        if text is None:
+            return
+        errors = len(self.errors)
+        self.bind_address(path, text)
+        if len(self.errors) > errors:
+            return
+        if enabled is False:
+            self.add(path, "set while server.metrics is false; remove one of them")
+        main = server.get("bind_address", DEFAULT_BIND_ADDRESS)
+        if isinstance(main, str) and _same_listener(text, main):
+            self.add(path, f"must differ from server.bind_address {quote(main)}")
 
     def bind_address(self, path: str, value: str) -> None:
         if not _plain_ascii(value):
@@ -323,6 +350,10 @@ class _Validator:
             header = self.string(f"{path}.auth_header", spec["auth_header"])
             if header is not None:
                 self.auth_header(f"{path}.auth_header", header)
+        if "usage" in spec and spec["usage"] is not False and spec["usage"] not in USAGE_VALUES:
+            # False: YAML 1.1 reads an unquoted `off` as a boolean.
+            choices = ", ".join(USAGE_VALUES)
+            self.add(f"{path}.usage", f"must be one of {choices}; got {_shown(spec['usage'])}")
 
     def target_url(self, path: str, url: str) -> None:
         authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
@@ -445,6 +476,19 @@ class _Validator:
             self.add(path, f"{quote(text)} is already used by {seen[text]}")
         else:
             seen[text] = path.rsplit(".", 1)[0]
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _same_listener(first: str, second: str) -> bool:
+    """Whether two valid bind addresses would clash (same port; same or wildcard host)."""
+    try:
+        (host_a, port_a), (host_b, port_b) = split_bind_address(first), split_bind_address(second)
+    except ValueError:
+        return False
+    hosts = {host_a.lower(), host_b.lower()}
+    return port_a == port_b and (len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS))
 
 
 def _plain_ascii(value: str) -> bool:

@@ -50,6 +50,10 @@ class WorkerContext(Protocol):
     next_slot: int
     current_config: Config
 
+    def close_master_only_files(self) -> None:
+        """Close what a worker inherits by fork but must not hold (the master's
+        metrics listener: a worker keeping it open would keep its port open)."""
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal capture: the worker owns signals.
@@ -73,17 +77,21 @@ class FluxgateWorker(Worker):
             signal.signal(sig, signal.SIG_DFL)
         # Until the event loop's handler exists, a reload signal must not kill us.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # SIGUSR1 is "reopen log files" (the master forwards it): workers write
+        # only to stderr, so there is nothing to reopen and it stays ignored.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGWINCH, signal.SIG_IGN)
 
     def load_wsgi(self) -> None:
         ctx: WorkerContext = self.app
+        ctx.close_master_only_files()
         configure_logging()
         config = ctx.current_config
         self.snapshot_path = ctx.snapshot_path
         self.slot = ctx.next_slot
         self.gate = ConnectionGate(ctx.connection_table, self.slot, config.server.max_connections)
         self.proxy = ProxyApp(config)
+        self.proxy.metrics.connections = lambda: self.gate.active
         self._snapshot_mtime = 0
         self._set_title()
 
@@ -96,7 +104,9 @@ class FluxgateWorker(Worker):
         config = self.proxy.config
         uv_config = uvicorn.Config(
             self.proxy,
-            http=functools.partial(FluxgateProtocol, gate=self.gate),  # type: ignore[arg-type]
+            http=functools.partial(  # type: ignore[arg-type]
+                FluxgateProtocol, gate=self.gate, metrics=self.proxy.metrics
+            ),
             loop="none",
             ws="none",
             lifespan="on",
@@ -116,6 +126,7 @@ class FluxgateWorker(Worker):
         # Everything allocated so far lives as long as the process: keep the
         # cyclic collector from re-scanning it on every full collection.
         gc.freeze()
+        self._configure_metrics(config)
         heartbeat = asyncio.ensure_future(self._heartbeat())
         # A HUP sent between fork and the handler above was ignored: catch up.
         self.reload_config()
@@ -129,6 +140,7 @@ class FluxgateWorker(Worker):
     async def _heartbeat(self) -> None:
         while True:
             self.notify()
+            self.proxy.metrics.refresh()
             if os.getppid() != self.ppid:
                 log.warning("master (pid %s) is gone: shutting down", self.ppid)
                 self.server.should_exit = True
@@ -153,9 +165,14 @@ class FluxgateWorker(Worker):
             return
         self.proxy.config = config
         self.gate.limit = config.server.max_connections
+        self._configure_metrics(config)
         self.server.config.timeout_graceful_shutdown = math.ceil(config.request_timeout_ms / 1000)
         self._set_title()
         log.debug("worker applied config generation %d", config.generation)
+
+    def _configure_metrics(self, config: Config) -> None:
+        self.proxy.metrics.recording = config.server.metrics
+        self.proxy.metrics.set_generation(config.generation)
 
     def _set_title(self) -> None:
         setproctitle(f"fluxgate: worker {self.age} [gen {self.proxy.config.generation}]")

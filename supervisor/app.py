@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import shutil
 import tempfile
 from typing import Any
@@ -48,13 +49,20 @@ class FluxgateApplication(BaseApplication):
         self.pid_file = pid_file
         runtime_base = os.environ.get("RUNTIME_DIRECTORY") or None
         self.runtime_dir = tempfile.mkdtemp(prefix="fluxgate-", dir=runtime_base)
+        self.metrics_dir = prepare_metrics_directory(self.runtime_dir)
         self.publisher = ConfigPublisher(config_path, self.runtime_dir)
         # Read by every worker after fork (see fluxgate.worker.WorkerContext).
         self.current_config: Config = self.publisher.load_initial()
         self.snapshot_path = self.publisher.snapshot_path
         self.connection_table = ConnectionTable()
         self.next_slot = 0
+        self.metrics: Any = None  # supervisor.metrics.MasterMetrics, made by the arbiter
         super().__init__(usage=None, prog="fluxgate-supervisor")
+
+    def close_master_only_files(self) -> None:
+        """Called in each forked worker (see fluxgate.worker.WorkerContext)."""
+        if self.metrics is not None:
+            self.metrics.close_inherited()
 
     def worker_count(self, config: Config) -> int:
         return self.workers_override or config.server.workers or os.cpu_count() or 1
@@ -100,11 +108,64 @@ class FluxgateApplication(BaseApplication):
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
-def run(config_path: str, workers: int | None = None, pid_file: str | None = None) -> int:
-    from .arbiter import FluxgateArbiter
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # fluxgate.metrics.ENV_DIR; see below
 
+
+def prepare_metrics_directory(runtime_dir: str) -> str:
+    """Create the private directory for the Prometheus series and point this
+    process (and so every worker it forks) at it.
+
+    Must run before prometheus_client is first imported: the library picks
+    its file storage at import time. The variable is an internal mechanism
+    between the supervisor and its own workers, not operator configuration
+    (SPEC §3 keeps the environment for logging settings): any value it had is
+    replaced. The directory goes with the runtime directory at exit.
+    """
+    directory = os.path.join(runtime_dir, "metrics")
+    os.mkdir(directory, 0o700)
+    os.environ[METRICS_ENV] = directory
+    return directory
+
+
+FDS_PER_CONNECTION = 2  # the client's socket and the upstream's
+FD_MARGIN = 64  # listener, pipes, log, inotify, snapshot, DNS...
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one; workers inherit it.
+
+    Every proxied request holds two descriptors, and any one worker may hold all
+    of `max_connections`: under the common soft limit of 1024 a worker ran out of
+    descriptors near 500 streams (upstream connects failing as 502s) while the
+    default limit admits 1024. Nothing here uses select(), so a high limit is
+    safe (nginx's worker_rlimit_nofile and Go's runtime do the same).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    need = FDS_PER_CONNECTION * max_connections + FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "open file limit %d is below the %d that server.max_connections %d may need; "
+            "raise LimitNOFILE (systemd) or ulimit -n",
+            soft,
+            need,
+            max_connections,
+        )
+
+
+def run(config_path: str, workers: int | None = None, pid_file: str | None = None) -> int:
     configure_logging()
     app = FluxgateApplication(config_path, workers, pid_file)
+    # Only now: the arbiter's imports bring in prometheus_client (see above).
+    from .arbiter import FluxgateArbiter
+
+    raise_fd_limit(app.current_config.server.max_connections)
     master_pid = os.getpid()
     try:
         FluxgateArbiter(app).run()

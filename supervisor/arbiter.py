@@ -13,6 +13,11 @@ What changes from the stock Arbiter, and why (STACK-NOTES, gunicorn):
 - systemd hears READY=1 only once workers serve, RELOADING=1 around a
   reload and STOPPING=1 at shutdown; gunicorn's own early READY is withheld.
 - Each worker is given a slot in the shared connection table before it forks.
+- Metrics (supervisor.metrics): the master counts reloads and worker restarts,
+  archives a dead worker's series, and may serve them on their own address.
+- SIGUSR1 (logrotate's "reopen your files"): Fluxgate logs only to stderr, so
+  there is nothing to reopen; it is logged and forwarded as gunicorn does, and
+  the workers ignore it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fluxgate.logs import log_fields
 from fluxgate.worker import HEARTBEAT_INTERVAL
 
 from . import sdnotify
+from .metrics import MasterMetrics
 from .watcher import ConfigWatcher
 
 log = logging.getLogger("fluxgate.supervisor")
@@ -51,6 +57,9 @@ class FluxgateArbiter(Arbiter):
         self._ready_sent = False
         self._titled = False
         self._spawned_at: dict[int, float] = {}
+        self._asked_to_stop: set[int] = set()  # pids sent a stop signal: not restarts
+        self.metrics = app.metrics = MasterMetrics(app.metrics_dir)
+        self.publisher.on_outcome = self.metrics.reload_outcome
 
     # Start and stop
 
@@ -63,6 +72,7 @@ class FluxgateArbiter(Arbiter):
         # must not inherit the socket.
         sdnotify.claim_socket()
         super().start()
+        self.metrics.apply(self.app.current_config)
         self.watcher.start()
 
     def _bind(self, addresses: list[Any]) -> list[Any] | None:
@@ -95,6 +105,10 @@ class FluxgateArbiter(Arbiter):
     def handle_int(self) -> None:
         raise StopIteration  # graceful, like SIGTERM
 
+    def handle_usr1(self) -> None:
+        log.info("SIGUSR1: no log files to reopen (Fluxgate logs to stderr)")
+        super().handle_usr1()
+
     # Workers
 
     def spawn_worker(self) -> int:
@@ -108,6 +122,11 @@ class FluxgateArbiter(Arbiter):
         self._spawned_at[pid] = time.monotonic()
         return pid
 
+    def kill_worker(self, pid: int, sig: int) -> None:
+        if sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+            self._asked_to_stop.add(pid)
+        super().kill_worker(pid, sig)
+
     def reap_workers(self) -> None:
         before = dict(self.WORKERS)
         super().reap_workers()
@@ -116,9 +135,13 @@ class FluxgateArbiter(Arbiter):
                 # Its connections died with it; a stale count would lower the limit.
                 self.app.connection_table.release_slot(worker.slot)
                 self._spawned_at.pop(pid, None)
+                asked = pid in self._asked_to_stop
+                self._asked_to_stop.discard(pid)
+                self.metrics.worker_exited(pid, asked=asked)
 
     def manage_workers(self) -> None:
         super().manage_workers()
+        self.metrics.set_workers(len(self.WORKERS))
         if not self._titled:  # gunicorn sets its own title after start(); replace it once
             self._titled = True
             self._set_title()
@@ -183,6 +206,7 @@ class FluxgateArbiter(Arbiter):
             )
             self.num_workers = workers
         self.kill_workers(signal.SIGHUP)
+        self.metrics.apply(config)
         self._set_title()
 
     def _rebind(self, config: Config) -> None:

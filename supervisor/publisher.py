@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,13 @@ class ConfigPublisher:
         self._applied_digest: str | None = None
         self._rejected_digest: str | None = None
         self._file_error: str | None = None
+        # Told of every reload outcome ("applied", "rejected", "unreadable") and
+        # the generation then serving: the master's metrics.
+        self.on_outcome: Callable[[str, int], None] | None = None
+
+    def _outcome(self, outcome: str) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, self.generation)
 
     @property
     def generation(self) -> int:
@@ -108,6 +116,7 @@ class ConfigPublisher:
                     cause=str(exc),
                     generation=self.generation,
                 )
+                self._outcome("unreadable")
             self._file_error = exc.reason
             return None
         recovered = self._file_error is not None
@@ -136,6 +145,7 @@ class ConfigPublisher:
                 len(exc.errors),
                 "\n  ".join(exc.errors),
             )
+            self._outcome("rejected")
             return None
         previous = self.config
         self.config, self.doc = loaded.config, loaded.doc
@@ -150,6 +160,7 @@ class ConfigPublisher:
             generation=self.generation,
             outcome="applied",
         )
+        self._outcome("applied")
         return Applied(self.config, previous)
 
     def _publish(self) -> None:
