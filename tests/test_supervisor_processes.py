@@ -11,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from demo.fake_upstream import FakeUpstreamThread
 from tests.conftest import CLIENT_KEY, proxy_config
 from tests.supervisor_process import Supervisor, free_port, wait_until
@@ -165,8 +163,17 @@ def test_bind_address_change_moves_the_listener_without_dropping_a_stream(
     sup.port = new_port
     sup.wait_for_generation(2)
     assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 200
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", old_port), timeout=1).close()
+
+    def old_port_refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", old_port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    # The retired workers close their copy of the old socket when their
+    # SIGTERM is handled, a moment after the new workers serve.
+    assert wait_until(old_port_refused, timeout=5)
     streamer.join(20)
     status, _, body = result["response"]
     assert status == 200 and body.count(b"data: event") == 8
