@@ -66,6 +66,13 @@ def upstream() -> Iterator[FakeUpstreamThread]:
         yield up
 
 
+@pytest.fixture(scope="module")
+def up() -> Iterator[FakeUpstreamThread]:
+    """One fake upstream shared by a module's tests (they clear its record as needed)."""
+    with FakeUpstreamThread() as server:
+        yield server
+
+
 @pytest.fixture
 def make_supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []

@@ -44,12 +44,6 @@ def fidelity_config(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     proc = Supervisor(tmp_path_factory.mktemp("fidelity"), fidelity_config(up.url))
     try:

@@ -207,12 +207,6 @@ def process_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-@pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
 def start(
     up: FakeUpstreamThread, factory: pytest.TempPathFactory, workers: int = 2, **over: Any
 ) -> Supervisor:

@@ -160,12 +160,6 @@ def in_thread(fn: Callable[[], Any]) -> Future[Any]:
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def one_worker(
     up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Supervisor]:

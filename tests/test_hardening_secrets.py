@@ -75,12 +75,6 @@ def unsigned_jwt(**header: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     config = proxy_config(up.url)
     config["upstreams"]["request_timeout_ms"] = DEADLINE_MS

@@ -181,12 +181,6 @@ def all_ended(clients: list[SlowClient], timeout: float) -> threading.Event:
     return done
 
 
-@pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
 def fresh(up: FakeUpstreamThread) -> None:
     up.clear()

@@ -22,12 +22,6 @@ REPLY = "Echo: " + PROMPT  # what the fake provider answers
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     proc = Supervisor(tmp_path_factory.mktemp("sdk"), proxy_config(up.url))
     try:

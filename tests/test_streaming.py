@@ -29,12 +29,6 @@ BIG = 64 * MiB
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     proc = Supervisor(tmp_path_factory.mktemp("streaming"), proxy_config(up.url))
     try:

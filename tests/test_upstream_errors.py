@@ -46,12 +46,6 @@ def plain_http_port() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(
     up: FakeUpstreamThread, plain_http_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Supervisor]:

@@ -27,12 +27,6 @@ MESSAGES = [{"role": "user", "content": "how many tokens is this prompt"}]
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     doc = proxy_config(up.url)
     doc["upstreams"]["openai"]["usage"] = "openai"
