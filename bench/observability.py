@@ -166,6 +166,7 @@ def run(repeats: int, duration: float, latency_duration: float) -> dict[str, Any
 
 
 def main(repeats: int, duration: float, latency_duration: float) -> int:
+    """Run and save; a "note" added to the saved JSON by hand is shown under the table."""
     started = time.time()
     results = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -257,4 +258,5 @@ def section() -> list[str]:
         f"{usage['input_tokens']:.0f} input tokens counted for {usage['requests']:.0f} "
         "requests of the canned completion's 12.",
         "",
+        *([raw["note"], ""] if raw.get("note") else []),
     ]
