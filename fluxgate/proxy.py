@@ -44,7 +44,6 @@ TARGET_SCOPE_KEY: Final = "fluxgate.target"
 CONNECTION_SCOPE_KEY: Final = "fluxgate.connection"
 
 Scope = dict[str, Any]
-Message = dict[str, Any]
 
 _NOT_FOUND = ProxyError(404, "not_found", "no upstream matches this path", "no_route")
 _NO_ENDPOINT = ProxyError(404, "not_found", "no such Fluxgate endpoint", "no_route")
@@ -142,7 +141,7 @@ class ProxyApp:
         started = time.monotonic()
         config = self.config
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        target: bytes = scope.get(TARGET_SCOPE_KEY) or _rebuild_target(scope)
+        target: bytes = scope[TARGET_SCOPE_KEY]
         path = target.partition(b"?")[0]
         ex = Exchange()
         try:
@@ -336,12 +335,6 @@ async def _send_error(send: Any, err: ProxyError) -> int:
 def _is_reserved(path: bytes) -> bool:
     n = len(RESERVED_PREFIX)
     return len(path) == n or path[n] == 0x2F  # "/"
-
-
-def _rebuild_target(scope: Scope) -> bytes:
-    raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    query: bytes = scope.get("query_string", b"")
-    return raw + b"?" + query if query else raw
 
 
 def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
