@@ -433,5 +433,7 @@ def test_a_busy_worker_still_writes_its_counts_while_requests_keep_coming(tmp_pa
     result = json.loads(out.stdout)
     assert result["total"] == 2000
     # Counted and written while the queue never ran empty, not only at the end.
-    assert result["during"][0] > 0
-    assert result["during"] == sorted(result["during"]) and result["during"][-1] < 2000
+    # (the last sample may already see all 2000 on a fast machine: the first
+    # must not, or nothing was written before the end).
+    assert 0 < result["during"][0] < 2000
+    assert result["during"] == sorted(result["during"])
