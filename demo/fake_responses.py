@@ -300,6 +300,9 @@ class Reply:
         self.head_only = head_only  # HEAD request: headers only, whatever the route
         self.sse_interval_ms = sse_interval_ms
         self.aborted = False  # we reset the connection ourselves (/reset routes)
+        # Close the connection, unanswered, when the next request on it arrives:
+        # a keep-alive connection that went stale in the client's pool.
+        self.hang_up_next = False
 
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -500,6 +503,11 @@ async def _close_early(req: RecordedRequest, out: Reply) -> bool:
     return False  # FIN after 10 of the promised 100 bytes
 
 
+async def _hang_up_next(req: RecordedRequest, out: Reply) -> bool:
+    out.hang_up_next = True
+    return await out.send_json({"next_request": "hung up"})
+
+
 async def _not_found(req: RecordedRequest, out: Reply) -> bool:
     return await out.send(404, error_body("not_found", f"no route for {req.path}"))
 
@@ -518,6 +526,7 @@ EXACT_ROUTES: dict[str, Handler] = {
     "/reset-mid-body": _reset_mid_body,
     "/garbage": _garbage,
     "/close-early": _close_early,
+    "/hang-up-next": _hang_up_next,
 }
 
 

@@ -93,6 +93,7 @@ class _Conn:
         self.buf = bytearray()
         self.eof = False
         self.gone = asyncio.Event()  # client went away, or the server is stopping
+        self.hang_up_next = False  # see fake_responses.Reply.hang_up_next
 
     async def fill(self) -> bool:
         if self.eof:
@@ -276,6 +277,8 @@ class FakeUpstream:
                 if req is None:
                     closed_by = "client"
                     break
+                if conn.hang_up_next:
+                    break
                 if not await self._respond(conn, req):
                     break
         except (ConnectionError, OSError):
@@ -383,6 +386,7 @@ class FakeUpstream:
         watcher = asyncio.create_task(self._watch(conn, out))
         try:
             keep = await fr.route(req.path)(req, out)
+            conn.hang_up_next = out.hang_up_next
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -31,7 +31,7 @@ from .logs import TRACE, RequestLog, loggable_target, loggable_url, request_log
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import WorkerMetrics
 from .routing import match, upstream_target
-from .upstream import UPSTREAM_TIMEOUT, create_session, upstream_failure
+from .upstream import UPSTREAM_TIMEOUT, UpstreamClient, upstream_failure
 from .usage import Tap, open_tap
 
 # Fluxgate's own endpoints live under this prefix, which is never proxied.
@@ -111,7 +111,7 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
 class ProxyApp:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or default_config()
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.pid = os.getpid()
         self.request_log = RequestLog(_request_fields)
         self.metrics = WorkerMetrics()
@@ -126,14 +126,14 @@ class ProxyApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session = create_session()
+                self.client = UpstreamClient()
                 logging.getLogger("uvicorn.error").addFilter(_not_stream_aborted)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.request_log.flush()
                 self.metrics.flush()
-                if self.session is not None:
-                    await self.session.close()
+                if self.client is not None:
+                    await self.client.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -210,7 +210,8 @@ class ProxyApp:
         send: Any,
         ex: Exchange,
     ) -> None:
-        assert self.session is not None, "lifespan startup creates the session"
+        client = self.client
+        assert client is not None, "lifespan startup creates the client"
         ex.upstream = upstream.name
         # ASCII only (the parser refuses other bytes in a request-target).
         path_qs = upstream_target(upstream, target).decode("latin-1")
@@ -235,13 +236,12 @@ class ProxyApp:
         try:
             async with asyncio.timeout(config.request_timeout_ms / 1000):
                 try:
-                    response = await self.session.request(
+                    response = await client.request(
                         scope["method"],
                         # Not URL(url): yarl would drop an empty "?" query.
                         upstream.origin_url.with_path(path_qs, encoded=True),
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
+                        headers,
+                        body,
                     )
                 except (aiohttp.ClientError, OSError) as exc:
                     if ex.client_gone:

@@ -9,23 +9,47 @@ beside it.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
+from multidict import CIMultiDict
+from yarl import URL
 
 from .errors import ProxyError
 
-_SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# aiohttp adds these unless told not to; `Content-Type` comes from the body
+# payload (application/octet-stream for a stream). Built once, read by every request.
+_SKIP_AUTO_HEADERS: Final = CIMultiDict[None](
+    (name, None) for name in ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+)
+# A keep-alive connection the upstream closed while idle fails the next request
+# on it; aiohttp's session retries those once when a replay is harmless.
+_RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)
+_READ_BUFSIZE: Final = 2**16
+_MAX_LINE_SIZE: Final = 8190
+_MAX_FIELD_SIZE: Final = 8190
+_MAX_HEADERS: Final = 128
 
 
 class VerbatimRequest(aiohttp.ClientRequest):
-    """A request that adds no `Content-Length: 0` the client did not send.
+    """A request that sends exactly the headers it is given, in their order.
 
-    aiohttp adds one to body-less POST/PUT/PATCH/DELETE requests; a request
-    with neither length nor chunking already has an empty body (RFC 9112
-    §6.3), so the header would only be something the client never said.
+    The caller passes the complete header list, `Host` first, so aiohttp's
+    merging and defaulting is skipped: no User-Agent/Accept/Accept-Encoding,
+    no `Content-Type` from the body payload, and no `Content-Length: 0` on a
+    body-less POST the client sent without one (a request with neither
+    length nor chunking already has an empty body, RFC 9112 §6.3).
     """
+
+    def update_headers(self, headers: Any) -> None:
+        self.headers = CIMultiDict(headers)
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        self._skip_auto_headers = _SKIP_AUTO_HEADERS
 
     def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
         had_length = hdrs.CONTENT_LENGTH in self.headers
@@ -34,24 +58,99 @@ class VerbatimRequest(aiohttp.ClientRequest):
             self.headers.pop(hdrs.CONTENT_LENGTH, None)
 
 
-def create_session() -> aiohttp.ClientSession:
-    """The worker's one session; must be called with the worker's loop running."""
-    connector = aiohttp.TCPConnector(
-        limit=0,  # max_connections already bounds concurrency on the client side
-        ttl_dns_cache=30,
-        keepalive_timeout=30,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        # The deadline is enforced per exchange from request_timeout_ms,
-        # which can change at every reload; the session must not add its own.
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
-        request_class=VerbatimRequest,
-        trust_env=False,
-    )
+class UpstreamClient:
+    """The worker's connection pool to the upstreams, and one exchange at a time over it.
+
+    `ClientSession.request` spends about as much CPU on per-call machinery
+    (argument merging, URL rebuilding, cookie, proxy, auth, trace and timer
+    bookkeeping; none of which a relay uses) as on the exchange itself. This
+    drives aiohttp's own parts directly, as the session does: the connector's
+    keep-alive pool, `ClientRequest.send` and `ClientResponse.start`. The
+    deadline is enforced per exchange by the caller from request_timeout_ms,
+    which can change at every reload, so no aiohttp timeout is set.
+    Must be created with the worker's loop running.
+    """
+
+    def __init__(self) -> None:
+        self.connector = aiohttp.TCPConnector(
+            limit=0,  # max_connections already bounds concurrency on the client side
+            ttl_dns_cache=30,
+            keepalive_timeout=30,
+        )
+        # Never used to send; responses keep a reference to it, and closing
+        # it closes the connector.
+        self.session = aiohttp.ClientSession(
+            connector=self.connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            timeout=_NO_TIMEOUT,
+            trust_env=False,
+        )
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request head (and stream `body`), return once the response head is in."""
+        retry = body is None and method in _RETRY_ON_STALE
+        while True:
+            try:
+                return await self._exchange(method, url, headers, body)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if not retry:
+                    raise
+                retry = False
+
+    async def _exchange(
+        self,
+        method: str,
+        url: URL,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        req = VerbatimRequest(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            loop=self._loop,
+            session=self.session,
+        )
+        conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
+        protocol = conn.protocol
+        assert protocol is not None
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_bufsize=_READ_BUFSIZE,
+            max_line_size=_MAX_LINE_SIZE,
+            max_field_size=_MAX_FIELD_SIZE,
+            max_headers=_MAX_HEADERS,
+        )
+        try:
+            resp = await req.send(conn)
+            try:
+                await resp.start(conn)
+            except BaseException:
+                resp.close()
+                raise
+        except OSError as exc:
+            conn.close()
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise
+            raise aiohttp.ClientOSError(*exc.args) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return resp
 
 
 def upstream_failure(exc: BaseException) -> ProxyError:

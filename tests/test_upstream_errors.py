@@ -159,6 +159,38 @@ def test_upstream_failure_is_logged_with_its_outcome(
     assert f"outcome={error_type}" in line
 
 
+# --- a pooled upstream connection that went stale ----------------------------------------
+# The fake upstream answers /hang-up-next, then closes the connection unanswered when the
+# next request arrives on it: what a provider's load balancer does to an idle keep-alive
+# connection just as the proxy reuses it. One client connection keeps both requests on
+# one worker, whose pool hands back the connection it just released.
+
+
+def test_stale_pooled_connection_is_retried_once_for_a_bodiless_get(
+    sup: Supervisor, up: FakeUpstreamThread
+) -> None:
+    with rawhttp.Conn(sup.port) as conn:
+        assert conn.request("GET", "/openai/hang-up-next", headers(sup)).status == 200
+        resp = conn.request("GET", "/openai/echo?stale", headers(sup))
+    assert resp.status == 200
+    seen = [r for r in up.requests if r.target == b"/echo?stale"]
+    assert len(seen) == 2  # the one hung up on, and the replay on a new connection
+    assert seen[0].connection_id != seen[1].connection_id
+
+
+def test_stale_pooled_connection_is_not_replayed_for_a_post(
+    sup: Supervisor, up: FakeUpstreamThread
+) -> None:
+    body = b'{"model": "m"}'
+    with rawhttp.Conn(sup.port) as conn:
+        assert conn.request("GET", "/openai/hang-up-next", headers(sup)).status == 200
+        post_headers = headers(sup, ("Content-Type", "application/json"),
+                               ("Content-Length", str(len(body))))  # fmt: skip
+        resp = conn.request("POST", "/openai/echo?stale", post_headers, body)
+    assert_json_error(resp, 502, "upstream_connection_error")
+    assert len([r for r in up.requests if r.target == b"/echo?stale"]) == 1
+
+
 # --- 504: the deadline passes before a response starts ----------------------------------
 
 
