@@ -64,6 +64,7 @@ class Exchange:
         "response_started",
         "status",
         "target_url",
+        "timed_out",
         "ttfb_ms",
         "upstream",
         "usage",
@@ -80,6 +81,7 @@ class Exchange:
         self.response_bytes = 0
         self.response_started = False
         self.client_gone = False
+        self.timed_out = False  # request_timeout_ms passed first
         self.finished = False
         self.response_length: int | None = None
         self.usage: Tap | None = None  # set when the upstream has `usage` on
@@ -112,6 +114,7 @@ class ProxyApp:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or default_config()
         self.client: UpstreamClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.pid = os.getpid()
         self.request_log = RequestLog(_request_fields)
         self.metrics = WorkerMetrics()
@@ -126,6 +129,7 @@ class ProxyApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.loop = asyncio.get_running_loop()
                 self.client = UpstreamClient()
                 logging.getLogger("uvicorn.error").addFilter(_not_stream_aborted)
                 await send({"type": "lifespan.startup.complete"})
@@ -210,20 +214,29 @@ class ProxyApp:
         send: Any,
         ex: Exchange,
     ) -> None:
-        client = self.client
-        assert client is not None, "lifespan startup creates the client"
+        client, loop = self.client, self.loop
+        assert client is not None and loop is not None, "lifespan startup creates them"
         ex.upstream = upstream.name
         # ASCII only (the parser refuses other bytes in a request-target).
         path_qs = upstream_target(upstream, target).decode("latin-1")
         url = upstream.origin + path_qs
         ex.target_url = url
         headers = upstream_headers(scope["headers"], upstream)
-        task = asyncio.current_task()
+        # The loop is passed, and the deadline is a plain timer rather than
+        # asyncio.timeout(): on Python 3.11 every get_running_loop() (which
+        # current_task() and asyncio.timeout() call when not given the loop)
+        # makes a getpid() system call, four of them per request.
+        task = asyncio.current_task(loop)
         assert task is not None
 
         def client_gone() -> None:
             if not ex.finished:
                 ex.client_gone = True
+                task.cancel()
+
+        def deadline_passed() -> None:
+            if not ex.finished and not ex.client_gone:
+                ex.timed_out = True
                 task.cancel()
 
         connection = scope[CONNECTION_SCOPE_KEY]
@@ -233,54 +246,55 @@ class ProxyApp:
         response: aiohttp.ClientResponse | None = None
         complete = False
         self.metrics.open_stream(upstream.name)
+        deadline = loop.call_later(config.request_timeout_ms / 1000, deadline_passed)
         try:
-            async with asyncio.timeout(config.request_timeout_ms / 1000):
-                try:
-                    response = await client.request(
-                        scope["method"],
-                        # Not URL(url): yarl would drop an empty "?" query.
-                        upstream.origin_url.with_path(path_qs, encoded=True),
-                        headers,
-                        body,
-                    )
-                except (aiohttp.ClientError, OSError) as exc:
-                    if ex.client_gone:
-                        raise asyncio.CancelledError from None
-                    raise upstream_failure(exc) from None
-                ex.ttfb_ms = (time.monotonic() - sent) * 1000
-                ex.status = response.status
-                ex.response_length = response.content_length
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status,
-                        "headers": client_headers(response.raw_headers),
-                    }
+            try:
+                response = await client.request(
+                    scope["method"],
+                    # Not URL(url): yarl would drop an empty "?" query.
+                    upstream.origin_url.with_path(path_qs, encoded=True),
+                    headers,
+                    body,
                 )
-                ex.response_started = True
-                tap = None
-                if upstream.usage is not None:  # read the provider's token usage as it passes
-                    ex.usage = open_tap(
-                        upstream.usage, response.status, response.headers, ex.response_length
-                    )
-                    tap = ex.usage if ex.usage is not None and ex.usage.active else None
-                try:
-                    async for chunk in response.content.iter_any():
-                        ex.response_bytes += len(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        if tap is not None:
-                            tap.feed(chunk)
-                except (aiohttp.ClientError, OSError):
-                    ex.outcome = "upstream_body_error"
-                    raise StreamAborted from None
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                complete = True
-        except TimeoutError:
-            if not ex.response_started:
-                raise UPSTREAM_TIMEOUT from None
-            ex.outcome = "upstream_timeout"
-            raise StreamAborted from None
+            except (aiohttp.ClientError, OSError) as exc:
+                if ex.client_gone or ex.timed_out:  # our cancellation, reported as an error
+                    raise asyncio.CancelledError from None
+                raise upstream_failure(exc) from None
+            ex.ttfb_ms = (time.monotonic() - sent) * 1000
+            ex.status = response.status
+            ex.response_length = response.content_length
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": client_headers(response.raw_headers),
+                }
+            )
+            ex.response_started = True
+            tap = None
+            if upstream.usage is not None:  # read the provider's token usage as it passes
+                ex.usage = open_tap(
+                    upstream.usage, response.status, response.headers, ex.response_length
+                )
+                tap = ex.usage if ex.usage is not None and ex.usage.active else None
+            try:
+                async for chunk in response.content.iter_any():
+                    ex.response_bytes += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if tap is not None:
+                        tap.feed(chunk)
+            except (aiohttp.ClientError, OSError):
+                ex.outcome = "upstream_body_error"
+                raise StreamAborted from None
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
         except asyncio.CancelledError:
+            if ex.timed_out:
+                task.uncancel()
+                if not ex.response_started:
+                    raise UPSTREAM_TIMEOUT from None
+                ex.outcome = "upstream_timeout"
+                raise StreamAborted from None
             if not ex.client_gone:
                 raise
             task.uncancel()
@@ -289,6 +303,7 @@ class ProxyApp:
                 ex.status = 499  # nginx's convention: the client closed the request
         finally:
             ex.finished = True
+            deadline.cancel()
             connection.on_lost = None
             self.metrics.close_stream(upstream.name)
             if response is not None:
