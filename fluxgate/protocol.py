@@ -39,6 +39,50 @@ class _Rejected(Exception):
     """Stops the parser once a rejection response has been written."""
 
 
+class _ResponseWriter:
+    """The transport as one request cycle sees it: its first write (the
+    response head) is held until the next write or the end of the loop turn.
+
+    uvicorn writes the head when the app sends `http.response.start`, and the
+    body at the next message. For a response that arrived whole from the
+    upstream (most non-streaming replies) those are two system calls where
+    one will do; an SSE head whose first event is not there yet still goes
+    out in the same loop turn.
+    """
+
+    __slots__ = ("_held", "_hold", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._hold = True
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._hold:
+            self._hold = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+        elif self._held is not None:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class FluxgateProtocol(HttpToolsProtocol):
     def __init__(
         self,
@@ -214,6 +258,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
         self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        self.cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
 
     # Rejections
 

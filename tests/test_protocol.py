@@ -29,6 +29,7 @@ GET = b"GET /openai/v1/models HTTP/1.1\r\nHost: example.com\r\n\r\n"
 class MockTransport:
     def __init__(self) -> None:
         self.buffer = b""
+        self.writes: list[bytes] = []  # one entry per write or writelines call
         self.closed = asyncio.Event()
         self.read_paused = False
 
@@ -39,6 +40,10 @@ class MockTransport:
     def write(self, data: bytes) -> None:
         assert not self.closed.is_set(), "write after close"
         self.buffer += data
+        self.writes.append(data)
+
+    def writelines(self, parts: Any) -> None:
+        self.write(b"".join(parts))  # one system call (writev) on a real transport
 
     def close(self) -> None:
         self.closed.set()
@@ -59,13 +64,15 @@ class MockTransport:
 class Connection:
     """One protocol instance on a mock transport, driven on its own event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, gate: ConnectionGate | None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, gate: ConnectionGate | None, app: Any = None
+    ) -> None:
         self.loop = loop
         self.app_calls: list[dict[str, Any]] = []
         self.received: list[dict[str, Any]] = []
         self.lost = False
 
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def answer_204(scope: dict[str, Any], receive: Any, send: Any) -> None:
             self.app_calls.append(scope)
             while True:
                 message = await receive()
@@ -75,8 +82,9 @@ class Connection:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        config = Config(app=app, http="httptools", ws="none", lifespan="off", log_config=None,
-                        server_header=False, date_header=False, access_log=False)  # fmt: skip
+        config = Config(app=app or answer_204, http="httptools", ws="none", lifespan="off",
+                        log_config=None, server_header=False, date_header=False,
+                        access_log=False)  # fmt: skip
         config.load()
         self.protocol = FluxgateProtocol(
             config=config, server_state=ServerState(), app_state={}, _loop=loop, gate=gate
@@ -151,6 +159,38 @@ def test_valid_request_reaches_the_app(conn: Connection) -> None:
     assert not conn.transport.is_closing()
     [scope] = conn.app_calls
     assert scope["fluxgate.target"] == b"/openai/v1/models"
+
+
+def test_head_and_body_sent_back_to_back_go_out_in_one_write(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    [write] = conn.transport.writes
+    assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(b"\r\n\r\nok")
+
+
+def test_head_whose_body_is_not_ready_is_written_within_the_loop_turn(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    body_ready = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        await body_ready.wait()  # an SSE stream whose first event is not there yet
+        await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    [head] = conn.transport.writes
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+    body_ready.set()
+    conn.settle()
+    assert conn.transport.writes[1:] == [b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"]
 
 
 def test_app_sees_a_copy_of_the_headers_that_trailers_do_not_extend(conn: Connection) -> None:
