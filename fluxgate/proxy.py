@@ -170,7 +170,7 @@ class ProxyApp:
             if config.server.metrics:
                 self.metrics.add(ex, duration)
             if request_log.isEnabledFor(TRACE):
-                self.request_log.add((scope, target, ex, duration))
+                self.request_log.add(_request_values(scope, target, ex, duration))
 
     async def _own_endpoint(
         self, config: Config, path: bytes, method: str, send: Any, ex: Exchange
@@ -352,26 +352,57 @@ def _is_reserved(path: bytes) -> bool:
     return len(path) == n or path[n] == 0x2F  # "/"
 
 
-def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
-    """The log line's fields from what `ProxyApp.handle` queued (see logs.RequestLog)."""
-    scope, target, ex, duration = values
+def _request_values(scope: Scope, target: bytes, ex: Exchange, duration: float) -> tuple[Any, ...]:
+    """What the log line needs, taken at the request's end (see logs.RequestLog).
+
+    Plain values only, so the request's scope and Exchange are freed now rather
+    than held until the batch is written; formatting waits for the batch.
+    """
     client = scope.get("client")
-    fields: dict[str, Any] = {
-        "client_ip": client[0] if client else None,
-        "method": scope["method"],
-        "request_url": loggable_target(target),
-        "request_body_length": _content_length(scope["headers"], b"content-length"),
-        "api_key": ex.key_id,
-        "upstream": ex.upstream,
-        "target_url": None if ex.target_url is None else loggable_url(ex.target_url),
-        "status": ex.status,
-        "outcome": ex.outcome,
-        "duration_ms": round(duration * 1000, 3),
-        "ttfb_ms": None if ex.ttfb_ms is None else round(ex.ttfb_ms, 3),
-        "request_bytes": ex.request_bytes,
-        "response_bytes": ex.response_bytes,
-        "response_body_length": ex.response_length,
-    }
-    if ex.usage is not None and (usage := ex.usage.result()) is not None:
-        fields.update(usage.fields())
+    return (
+        client[0] if client else None,
+        scope["method"],
+        target,
+        _content_length(scope["headers"], b"content-length"),
+        ex.key_id,
+        ex.upstream,
+        ex.target_url,
+        ex.status,
+        ex.outcome,
+        duration,
+        ex.ttfb_ms,
+        ex.request_bytes,
+        ex.response_bytes,
+        ex.response_length,
+        ex.usage,
+    )
+
+
+def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    """The log line's fields (those that are not None), from `_request_values`."""
+    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
+     duration, ttfb_ms, request_bytes, response_bytes, response_length, usage) = values  # fmt: skip
+    fields: dict[str, Any] = {"client_ip": client_ip, "method": method,
+                              "request_url": loggable_target(target)}  # fmt: skip
+    if client_ip is None:
+        del fields["client_ip"]
+    if request_length is not None:
+        fields["request_body_length"] = request_length
+    if key_id is not None:
+        fields["api_key"] = key_id
+    if upstream is not None:
+        fields["upstream"] = upstream
+    if target_url is not None:
+        fields["target_url"] = loggable_url(target_url)
+    fields["status"] = status
+    fields["outcome"] = outcome
+    fields["duration_ms"] = round(duration * 1000, 3)
+    if ttfb_ms is not None:
+        fields["ttfb_ms"] = round(ttfb_ms, 3)
+    fields["request_bytes"] = request_bytes
+    fields["response_bytes"] = response_bytes
+    if response_length is not None:
+        fields["response_body_length"] = response_length
+    if usage is not None and (counts := usage.result()) is not None:
+        fields.update((k, v) for k, v in counts.fields().items() if v is not None)
     return fields

@@ -7,6 +7,7 @@ directly.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -19,7 +20,9 @@ import pytest
 from fluxgate.logs import (
     TRACE,
     FieldsJsonFormatter,
+    RequestLog,
     TextFormatter,
+    _text_values,
     log_fields,
     make_handler,
     parse_level,
@@ -193,6 +196,64 @@ def test_text_formatter_quotes_values_that_would_break_key_value_parsing() -> No
         record(reason='a "quoted" value', empty="", eq="a=b", nl="x\ny")
     )
     assert line.endswith(r'hello reason="a \"quoted\" value" empty="" eq="a=b" nl="x\ny"')
+
+
+def _logged_batch(handler: logging.Handler, *lines: dict[str, Any]) -> None:
+    """Queue `lines` on a RequestLog whose logger has only `handler`, then flush."""
+    logger = logging.getLogger("test.request_log")
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(TRACE)
+    log = RequestLog(lambda fields: fields, logger=logger)
+
+    async def queue() -> None:
+        for fields in lines:
+            log.add(fields)
+
+    asyncio.run(queue())
+    log.flush()
+
+
+def test_request_log_text_batch_matches_the_formatter_line_for_line() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(colour=False))
+    lines = [{"status": 200, "request_url": "/a b"}, {"status": 404, "outcome": "no_route"}]
+    _logged_batch(handler, *lines)
+    written = stream.getvalue().splitlines()
+    assert len(written) == 2
+    for text, fields in zip(written, lines, strict=True):
+        rec = logging.LogRecord("r", TRACE, "", 0, "request", (), None)
+        rec.fields = fields
+        timestamp = text.split(" ")[1]
+        rec.created = rec.msecs = 0.0
+        expected = (
+            TextFormatter(colour=False).format(rec).replace("1970-01-01T00:00:00.000Z", timestamp)
+        )
+        assert text == expected
+
+
+def test_request_log_reaches_handlers_that_are_not_streams() -> None:
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    handler = Collect()
+    _logged_batch(handler, {"status": 200}, {"status": 502})
+    assert [r.fields for r in handler.records] == [{"status": 200}, {"status": 502}]  # type: ignore[attr-defined]
+    assert {r.levelno for r in handler.records} == {TRACE}
+
+
+def test_text_value_memory_is_bounded() -> None:
+    for i in range(_text_values.LIMIT + 10):
+        _text_values[f"/v1/models/{i}"]
+    assert len(_text_values) <= _text_values.LIMIT
+    long = "x" * (_text_values.LONGEST + 1)
+    assert _text_values[long] == long
+    assert long not in _text_values
 
 
 def test_text_formatter_colour_wraps_only_the_level() -> None:
