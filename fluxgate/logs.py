@@ -284,8 +284,10 @@ class RequestLog:
     only queues its raw values and its end time; `render` turns them into
     fields (the ones to show: None is left out by `render`) and the lines are
     formatted and written together, at most `delay` seconds later (as nginx's
-    buffered access_log does). Shutdown flushes the queue; a worker killed
-    outright loses at most `delay` of lines.
+    buffered access_log does), or at the next loop turn once `batch` lines
+    wait: formatting all of a busy 50 ms at once stalled the loop for ~2 ms
+    (the 1-connection p99 with TRACE on); 32 lines take ~0.2 ms. Shutdown
+    flushes the queue; a worker killed outright loses at most `delay` of lines.
     """
 
     def __init__(
@@ -293,17 +295,23 @@ class RequestLog:
         render: Callable[[Any], dict[str, Any]],
         logger: logging.Logger = request_log,
         delay: float = 0.05,
+        batch: int = 32,
     ) -> None:
         self.render = render
         self.logger = logger
         self.delay = delay
+        self.batch = batch
         self._pending: list[tuple[float, Any]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def add(self, values: Any) -> None:
-        self._pending.append((time.time(), values))
+        pending = self._pending
+        pending.append((time.time(), values))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
+        elif len(pending) == self.batch:
+            self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

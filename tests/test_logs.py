@@ -247,6 +247,29 @@ def test_request_log_reaches_handlers_that_are_not_streams() -> None:
     assert {r.levelno for r in handler.records} == {TRACE}
 
 
+def test_request_log_writes_a_full_batch_at_the_next_loop_turn() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(colour=False))
+    logger = logging.getLogger("test.request_log.batch")
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(TRACE)
+    log = RequestLog(lambda fields: fields, logger=logger, delay=60.0, batch=3)
+    written: list[int] = []
+
+    async def requests() -> None:
+        for status in (200, 201):
+            log.add({"status": status})
+        await asyncio.sleep(0)
+        written.append(len(stream.getvalue().splitlines()))  # under a batch: waits for delay
+        log.add({"status": 202})
+        await asyncio.sleep(0)
+        written.append(len(stream.getvalue().splitlines()))
+
+    asyncio.run(requests())
+    assert written == [0, 3]
+
+
 def test_text_value_memory_is_bounded() -> None:
     for i in range(_text_values.LIMIT + 10):
         _text_values[f"/v1/models/{i}"]
