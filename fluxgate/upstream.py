@@ -1,10 +1,11 @@
-"""The upstream HTTP client: one aiohttp session per worker, configured as a pure relay.
+"""The upstream HTTP client: one aiohttp connection pool per worker, used as a pure relay.
 
 A stock `ClientSession` adds headers, decompresses bodies, keeps cookies,
 follows redirects and cuts requests after 300 s. Each of those would make the
-proxy unfaithful (STACK-NOTES, aiohttp), so every one is switched off here,
-and the mapping from client exceptions to the statuses of SPEC §4.10 lives
-beside it.
+proxy unfaithful (STACK-NOTES, aiohttp), so none of it is used: requests go
+through aiohttp's connector, `ClientRequest` and `ClientResponse` directly
+(`UpstreamClient`), with nothing added and nothing decoded. The mapping from
+client exceptions to the statuses of SPEC §4.10 lives beside it.
 """
 
 from __future__ import annotations
