@@ -81,6 +81,12 @@ class Config:
     jwt_keys: Mapping[str, bytes] = field(repr=False)  # kid -> HS256 secret
     jwt_principals: Mapping[str, Principal] = field(repr=False)  # kid -> Principal
     generation: int = 0
+    # JWTs verified under this config: token -> (principal, valid from, valid
+    # until). The one part that fills as requests come (fluxgate.auth); it goes
+    # with the config, so a reload (new keys) starts it empty.
+    verified_jwts: dict[bytes, tuple[Principal, float, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def has_credentials(self) -> bool:

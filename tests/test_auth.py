@@ -15,9 +15,10 @@ import subprocess
 import time
 from typing import Any
 
+import jwt
 import pytest
 
-from fluxgate.auth import MAX_TOKEN_BYTES, AuthError, authenticate
+from fluxgate.auth import MAX_TOKEN_BYTES, VERIFIED_JWTS_LIMIT, AuthError, authenticate
 from fluxgate.config import Config, build_config
 from tests.conftest import (
     CLIENT_KEY,
@@ -270,6 +271,48 @@ def test_token_over_the_size_cap_is_refused_even_if_validly_signed(config: Confi
     assert len(token) > MAX_TOKEN_BYTES
     with pytest.raises(AuthError):
         auth(config, bearer(token))
+
+
+# A verified JWT is remembered with its config (fluxgate.auth): never past its claims
+
+
+def test_remembered_jwt_is_refused_once_its_exp_has_passed() -> None:
+    config = build_config(proxy_config(UPSTREAM_URL))
+    now = time.time()
+    token = make_jwt("dev", exp=int(now) + 60)
+    assert authenticate(config, [bearer(token)], now=now).key_id == "dev"
+    assert authenticate(config, [bearer(token)], now=now + 59).key_id == "dev"
+    with pytest.raises(AuthError):
+        authenticate(config, [bearer(token)], now=now + 61)
+
+
+def test_remembered_jwt_is_refused_before_its_nbf_and_iat() -> None:
+    config = build_config(proxy_config(UPSTREAM_URL))
+    now = int(time.time())
+    token = make_jwt("dev", nbf=now - 5, iat=now - 2)
+    assert authenticate(config, [bearer(token)], now=now).key_id == "dev"
+    for earlier in (now - 10, now - 3):  # before nbf, then after nbf but before iat
+        with pytest.raises(AuthError):
+            authenticate(config, [bearer(token)], now=earlier)
+
+
+def test_jwt_verified_before_a_key_rotation_is_refused_after_it() -> None:
+    doc = proxy_config(UPSTREAM_URL)
+    token = make_jwt("dev")
+    assert auth(build_config(doc), bearer(token)).key_id == "dev"
+    doc["api_keys"]["jwt"] = [{"id": "dev", "key": "a-new-secret-of-at-least-32-bytes-0123"}]
+    with pytest.raises(AuthError):
+        auth(build_config(doc), bearer(token))
+
+
+def test_remembered_jwts_are_bounded() -> None:
+    config = build_config(proxy_config(UPSTREAM_URL))
+    exp = int(time.time()) + 300
+    for i in range(VERIFIED_JWTS_LIMIT + 5):  # not make_jwt: no log ever sees these
+        token = jwt.encode({"n": i, "exp": exp}, JWT_SECRET, algorithm="HS256",
+                           headers={"kid": "dev"})  # fmt: skip
+        auth(config, bearer(token))
+    assert 0 < len(config.verified_jwts) <= VERIFIED_JWTS_LIMIT
 
 
 def test_jwt_keys_may_share_a_secret_and_each_kid_is_its_own_id() -> None:
