@@ -39,6 +39,11 @@ class _Rejected(Exception):
     """Stops the parser once a rejection response has been written."""
 
 
+def _codings(value: bytes) -> list[bytes]:
+    """A Transfer-Encoding value's codings; empty list elements are allowed (RFC 9110 §5.6.1)."""
+    return [coding for item in value.split(b",") if (coding := item.strip().lower())]
+
+
 class _ResponseWriter:
     """The transport as one request cycle sees it: its first write (the
     response head) is held until the next write or the end of the loop turn.
@@ -235,9 +240,24 @@ class FluxgateProtocol(HttpToolsProtocol):
             )
         if parser.get_http_version() != "1.1":
             raise self._reject(505, "http_version_not_supported", "only HTTP/1.1 is served")
-        if parser.get_method() == b"CONNECT" or any(n == b"upgrade" for n, _ in self.headers):
+        hosts, upgrade, foreign_coding = 0, False, False
+        for name, value in self.headers:  # one pass: this runs for every request
+            if name == b"host":
+                hosts += 1
+            elif name == b"upgrade":
+                upgrade = True
+            elif name == b"transfer-encoding":
+                foreign_coding = foreign_coding or _codings(value) != [b"chunked"]
+        if parser.get_method() == b"CONNECT" or upgrade:
             raise self._reject(
                 501, "not_implemented", "CONNECT and protocol upgrades are not supported"
+            )
+        if foreign_coding:
+            # httptools accepts any list that ends in chunked ("gzip, chunked");
+            # the other codings would be lost when aiohttp re-frames the body,
+            # so the upstream would take gzip bytes for the body (RFC 9112 §6.1).
+            raise self._reject(
+                501, "not_implemented", "only the chunked transfer coding is supported"
             )
         if not self.url.startswith(b"/"):
             raise self._reject(
@@ -246,7 +266,7 @@ class FluxgateProtocol(HttpToolsProtocol):
                 "request target must be a path",
                 warn="absolute-form or asterisk request target",
             )
-        if sum(1 for n, _ in self.headers if n == b"host") != 1:
+        if hosts != 1:
             raise self._reject(
                 400,
                 "bad_request",
