@@ -47,6 +47,15 @@ from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
+from fluxgate.addresses import (
+    HOSTNAME_LABEL,
+    is_ip,
+    plain_ascii,
+    port_digits_ok,
+    same_listener,
+    valid_hostname,
+    valid_url_host,
+)
 from fluxgate.config import DEFAULT_BIND_ADDRESS, UPSTREAM_SETTINGS, split_bind_address
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
@@ -72,9 +81,6 @@ _QUOTE_LIMIT = 60
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar
 _HOST_PORT_SEGMENT = re.compile(r"/[^/]*:[0-9]+(?:/|$)")
-_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_URL_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 
 
 def quote(value: str) -> str:
@@ -274,11 +280,11 @@ class _Validator:
         if enabled is False:
             self.add(path, "set while server.metrics is false; remove one of them")
         main = server.get("bind_address", DEFAULT_BIND_ADDRESS)
-        if isinstance(main, str) and _same_listener(text, main):
+        if isinstance(main, str) and same_listener(text, main):
             self.add(path, f"must differ from server.bind_address {quote(main)}")
 
     def bind_address(self, path: str, value: str) -> None:
-        if not _plain_ascii(value):
+        if not plain_ascii(value):
             self.add(path, f"must be host:port in ASCII without spaces, got {quote(value)}")
             return
         try:
@@ -287,13 +293,13 @@ class _Validator:
             self.add(path, f"{exc}, got {quote(value)}")
             return
         if value.startswith("["):
-            if not _is_ip(host, ipaddress.IPv6Address):
+            if not is_ip(host, ipaddress.IPv6Address):
                 self.add(path, f"{quote(host)} is not a valid IPv6 address")
         elif ":" in host:
             self.add(
                 path, f'an IPv6 address must be in brackets, e.g. "[::1]:8080", got {quote(value)}'
             )
-        elif not _valid_hostname(host, _HOSTNAME_LABEL):
+        elif not valid_hostname(host, HOSTNAME_LABEL):
             self.add(path, f"{quote(host)} is not a valid IPv4 address or host name")
 
     def upstreams(self, value: object) -> set[str]:
@@ -376,9 +382,9 @@ class _Validator:
         host = parts.hostname or ""
         if not host:
             self.add(path, f"must include a host, got {quote(url)}")
-        elif not _valid_url_host(host, bracketed=parts.netloc.startswith("[")):
+        elif not valid_url_host(host, bracketed=parts.netloc.startswith("[")):
             self.add(path, f"{quote(host)} is not a valid host")
-        if port == 0 or not _port_digits_ok(parts.netloc):
+        if port == 0 or not port_digits_ok(parts.netloc):
             self.add(path, f"has an invalid port, got {quote(url)}")
         if "?" in url:
             self.add(path, "must not contain a query string (the client's query is appended)")
@@ -396,7 +402,7 @@ class _Validator:
             ("?" in value, 'must not contain "?" (queries are not part of routing)'),
             ("#" in value, 'must not contain "#"'),
             (bool(_HOST_PORT_SEGMENT.match(value)), "must not have a host:port form"),
-            (not _plain_ascii(value), "must be ASCII without spaces; percent-encode the rest"),
+            (not plain_ascii(value), "must be ASCII without spaces; percent-encode the rest"),
         )
         problems = [message for failed, message in checks if failed]
         for problem in problems:
@@ -476,57 +482,6 @@ class _Validator:
             self.add(path, f"{quote(text)} is already used by {seen[text]}")
         else:
             seen[text] = path.rsplit(".", 1)[0]
-
-
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
-
-
-def _same_listener(first: str, second: str) -> bool:
-    """Whether two valid bind addresses would clash (same port; same or wildcard host)."""
-    try:
-        (host_a, port_a), (host_b, port_b) = split_bind_address(first), split_bind_address(second)
-    except ValueError:
-        return False
-    hosts = {host_a.lower(), host_b.lower()}
-    return port_a == port_b and (len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS))
-
-
-def _plain_ascii(value: str) -> bool:
-    return value.isascii() and value.isprintable() and " " not in value
-
-
-def _is_ip(text: str, cls: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
-    try:
-        cls(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _valid_hostname(host: str, label: re.Pattern[str]) -> bool:
-    if _DOTTED_NUMBERS.fullmatch(host):  # all digits: only an IPv4 address will do
-        return _is_ip(host, ipaddress.IPv4Address)
-    name = host[:-1] if host.endswith(".") else host
-    return len(name) <= 253 and all(label.fullmatch(part) for part in name.split("."))
-
-
-def _valid_url_host(host: str, *, bracketed: bool) -> bool:
-    if bracketed:
-        return _is_ip(host, ipaddress.IPv6Address)
-    if not host.isascii():
-        try:  # fluxgate.config sends such a host IDNA-encoded
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return False
-    # Underscores are common in container service names, so they are allowed.
-    return _valid_hostname(host, _URL_HOST_LABEL)
-
-
-def _port_digits_ok(netloc: str) -> bool:
-    """urlsplit accepts ports such as "+80"; only plain digits are allowed here."""
-    after_host = netloc.rsplit("]", 1)[-1] if netloc.startswith("[") else netloc
-    _host, sep, port = after_host.rpartition(":")
-    return not sep or port == "" or (port.isascii() and port.isdigit())
 
 
 def validate(doc: object) -> list[str]:
