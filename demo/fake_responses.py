@@ -367,12 +367,21 @@ async def _payload(req: RecordedRequest, out: Reply) -> JSONDict | None:
     return payload
 
 
+def _accepts_gzip(req: RecordedRequest) -> bool:
+    accepted = (req.header("accept-encoding") or b"").lower()
+    return any(item.split(b";")[0].strip() == b"gzip" for item in accepted.split(b","))
+
+
 async def _chat(req: RecordedRequest, out: Reply) -> bool:
     if (payload := await _payload(req, out)) is None:
         return True
     if payload.get("stream") is True:
         return await out.stream(openai_chat_stream(payload), out.interval(req))
-    return await out.send_json(openai_chat(payload))
+    body = json_bytes(openai_chat(payload))
+    if _accepts_gzip(req):  # as OpenAI does: its SDKs ask for gzip
+        gz = gzip.compress(body, mtime=0)
+        return await out.send(200, gz, [*std_headers(gz), ("Content-Encoding", "gzip")])
+    return await out.send(200, body)
 
 
 async def _messages(req: RecordedRequest, out: Reply) -> bool:
@@ -431,7 +440,8 @@ async def _stream_forever(req: RecordedRequest, out: Reply) -> bool:
 
 
 async def _gzip(req: RecordedRequest, out: Reply) -> bool:
-    headers = [*std_headers(GZIP_BODY), ("Content-Encoding", "gzip")]
+    # ?encoding= relabels the same bytes (br, zstd...) for tests of what a proxy skips.
+    headers = [*std_headers(GZIP_BODY), ("Content-Encoding", req.query.get("encoding", "gzip"))]
     return await out.send(200, GZIP_BODY, headers)
 
 

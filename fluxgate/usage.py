@@ -18,8 +18,11 @@ keeps only bounded state:
   a key in a JSON string would be escaped, so a match is a real key): about
   2 µs, hardly growing with the body, where a full parse of the benchmark's
   500-byte completion took 4 µs and grows with every byte.
-- A compressed body (any ``Content-Encoding`` but identity), another content
-  type, or a JSON body over the bound is skipped at once: a `Tap` with only a
+- A gzip- or deflate-encoded JSON body (what OpenAI sends the official SDKs,
+  which ask for gzip) is kept the same way, compressed, and inflated at
+  parse time into at most `MAX_BUFFER` bytes (a bomb stops there). Any other
+  compressed body (brotli, zstd, a compressed stream), another content type,
+  or a JSON body over the bound is skipped at once: a `Tap` with only a
   `reason`, and nothing is buffered.
 
 Counts are normalised to the same meaning for both providers:
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
@@ -54,6 +58,9 @@ _USAGE: Final = b'"usage"'
 # A usage *object*: OpenAI streams carry `"usage":null` in every chunk but the last.
 _USAGE_OBJECT: Final = re.compile(rb'"usage"\s*:\s*\{')
 _DECODER: Final = json.JSONDecoder()
+# Content-Encodings a JSON tap inflates, with zlib's wbits for each (47: a
+# gzip or zlib header, detected; "deflate" is zlib-wrapped in HTTP).
+_INFLATABLE: Final = {"gzip": 47, "x-gzip": 47, "deflate": 47}
 
 
 class Usage(NamedTuple):
@@ -199,14 +206,15 @@ class SseTap(Tap):
 
 
 class JsonTap(Tap):
-    __slots__ = ("_parts", "_size", "_usage")
+    __slots__ = ("_parts", "_size", "_usage", "_wbits")
     active = True
 
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, wbits: int | None = None) -> None:
         super().__init__(fmt, NOT_REPORTED)
         self._parts: list[bytes] | None = []
         self._size = 0
         self._usage: Usage | None = None
+        self._wbits = wbits  # the body is compressed: inflate it before parsing
 
     def feed(self, chunk: bytes) -> None:
         parts = self._parts
@@ -222,10 +230,25 @@ class JsonTap(Tap):
         """Parse once (memoised; the log line and the metrics both ask)."""
         parts, self._parts = self._parts, None
         if parts:
-            usage = last_usage_object(parts[0] if len(parts) == 1 else b"".join(parts))
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            if self._wbits is not None:
+                body = self._inflate(body, self._wbits)
+            usage = last_usage_object(body)
             if usage:
                 self._usage, self.reason = _NORMALISE[self.fmt](usage), None
         return self._usage
+
+    def _inflate(self, body: bytes, wbits: int) -> bytes:
+        """At most MAX_BUFFER bytes of the decoded body; b"" if it is larger or corrupt."""
+        inflater = zlib.decompressobj(wbits)
+        try:
+            plain = inflater.decompress(body, MAX_BUFFER)
+        except zlib.error:
+            return b""
+        if inflater.unconsumed_tail:
+            self.reason = TOO_LARGE
+            return b""
+        return plain
 
 
 def last_usage_object(body: bytes) -> dict[str, Any] | None:
@@ -253,16 +276,22 @@ def open_tap(fmt: str, status: int, headers: Mapping[str, str], length: int | No
 
     None for a non-2xx answer (an error carries no usage and is not counted as
     missing one); otherwise a tap, inactive (with a reason) when the body is
-    compressed, of another type, or announced larger than `MAX_BUFFER`.
+    compressed other than gzip or deflate JSON, of another type, or announced
+    larger than `MAX_BUFFER`.
     """
     if not 200 <= status < 300:
         return None
     encoding = headers.get("content-encoding")
-    if encoding and encoding.strip().lower() != "identity":
-        return Tap(fmt, COMPRESSED)
+    wbits = None
+    if encoding and (encoding := encoding.strip().lower()) != "identity":
+        wbits = _INFLATABLE.get(encoding)
+        if wbits is None:
+            return Tap(fmt, COMPRESSED)
     content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type == "text/event-stream":
-        return SseTap(fmt)
+        return SseTap(fmt) if wbits is None else Tap(fmt, COMPRESSED)
     if content_type == "application/json" or content_type.endswith("+json"):
-        return Tap(fmt, TOO_LARGE) if length is not None and length > MAX_BUFFER else JsonTap(fmt)
+        if length is not None and length > MAX_BUFFER:
+            return Tap(fmt, TOO_LARGE)
+        return JsonTap(fmt, wbits)
     return Tap(fmt, UNSUPPORTED_TYPE)

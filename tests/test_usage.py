@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -195,8 +196,10 @@ def test_a_json_body_that_grows_past_the_bound_is_dropped() -> None:
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
-        ([*JSON, (b"Content-Encoding", b"gzip")], COMPRESSED),
+        ([*JSON, (b"Content-Encoding", b"br")], COMPRESSED),
+        ([*JSON, (b"Content-Encoding", b"zstd")], COMPRESSED),
         ([*SSE, (b"content-encoding", b"br")], COMPRESSED),
+        ([*SSE, (b"content-encoding", b"gzip")], COMPRESSED),
         ([*JSON, (b"content-length", str(MAX_BUFFER + 1).encode())], TOO_LARGE),
         ([(b"content-type", b"text/plain")], UNSUPPORTED_TYPE),
         ([(b"content-type", b"application/octet-stream")], UNSUPPORTED_TYPE),
@@ -217,6 +220,44 @@ def test_compressed_other_types_and_announced_oversize_bodies_are_skipped(
 )
 def test_json_content_types(content_type: bytes) -> None:
     assert isinstance(open_tap("openai", 200, [(b"content-type", content_type)]), JsonTap)
+
+
+def _fed_whole(tap: Tap | None, body: bytes) -> Tap:
+    assert isinstance(tap, JsonTap)
+    for i in range(0, len(body), 7):  # cut anywhere, as chunks arrive
+        tap.feed(body[i : i + 7])
+    return tap
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [(b"gzip", gzip.compress), (b"x-gzip", gzip.compress), (b"deflate", zlib.compress)],
+)
+def test_gzip_and_deflate_json_bodies_are_inflated_and_read(encoding: bytes, compress: Any) -> None:
+    body = fr.json_bytes(fr.openai_chat(PAYLOAD))
+    expected = json.loads(body)["usage"]
+    tap = _fed_whole(open_tap("openai", 200, [*JSON, (b"Content-Encoding", encoding)]),
+                     compress(body))  # fmt: skip
+    usage = tap.result()
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (
+        expected["prompt_tokens"], expected["completion_tokens"])  # fmt: skip
+
+
+def test_a_gzip_body_that_inflates_past_the_bound_is_too_large() -> None:
+    bomb = gzip.compress(b" " * (MAX_BUFFER + 1) + b'{"usage":{"prompt_tokens":1}}')
+    assert len(bomb) < 5000  # what arrives is small; what it inflates to is not kept
+    tap = _fed_whole(open_tap("openai", 200, [*JSON, (b"Content-Encoding", b"gzip")]), bomb)
+    assert tap.result() is None
+    assert tap.reason == TOO_LARGE
+
+
+def test_a_corrupt_gzip_body_reports_no_usage() -> None:
+    body = gzip.compress(b'{"usage":{"prompt_tokens":1}}')
+    tap = _fed_whole(open_tap("openai", 200, [*JSON, (b"Content-Encoding", b"gzip")]),
+                     body[:10] + b"garbage" + body[17:])  # fmt: skip
+    assert tap.result() is None
+    assert tap.reason == NOT_REPORTED
 
 
 def test_identity_encoding_is_not_compressed() -> None:

@@ -79,10 +79,14 @@ def anthropic_client(sup: Supervisor) -> anthropic.Anthropic:
 # --- OpenAI ----------------------------------------------------------------------------
 
 
-def test_openai_completion_usage_is_logged_and_counted(sup: Supervisor) -> None:
+def test_openai_completion_usage_is_logged_and_counted_from_its_gzip_body(
+    sup: Supervisor, up: FakeUpstreamThread
+) -> None:
     before, mark = snapshot(sup, "openai"), sup.mark()
     completion = openai_client(sup).chat.completions.create(model="fake-gpt", messages=MESSAGES)
     assert completion.usage is not None
+    # The SDK asks for gzip and the fake provider, like OpenAI, then sends it gzipped.
+    assert b"gzip" in (up.requests[-1].header("accept-encoding") or b"")
     line = log_line(sup, mark, "/openai/v1/chat/completions")
     assert int(line["input_tokens"]) == completion.usage.prompt_tokens > 0
     assert int(line["output_tokens"]) == completion.usage.completion_tokens > 0
@@ -215,12 +219,14 @@ def test_with_usage_on_each_event_still_arrives_on_its_own_and_unchanged(sup: Su
     assert on["response_bytes"] == off["response_bytes"] == str(len(b"".join(FIXED_STREAM)))
 
 
-def test_a_compressed_body_passes_unchanged_and_its_usage_is_skipped(sup: Supervisor) -> None:
+def test_a_body_in_an_encoding_not_inflated_passes_unchanged_and_is_skipped(
+    sup: Supervisor,
+) -> None:
     labels = {"upstream": "openai", "reason": "compressed"}
     skipped = value(scrape(sup.url), "fluxgate_usage_unavailable_total", **labels)
-    status, headers, body = sup.request("GET", "/openai/gzip",
+    status, headers, body = sup.request("GET", "/openai/gzip?encoding=br",
                                         {"Authorization": f"Bearer {CLIENT_KEY}"})  # fmt: skip
-    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert status == 200 and headers["content-encoding"] == "br"
     assert body == fr.GZIP_BODY
     samples = wait_for(sup.url, "fluxgate_usage_unavailable_total", skipped + 1, **labels)
     assert value(samples, "fluxgate_usage_unavailable_total", **labels) == skipped + 1
