@@ -480,6 +480,23 @@ def test_bodiless_responses_leave_the_connection_clean_for_the_next_request(
     assert json.loads(second.body)["target"] == "/echo/second"
 
 
+def test_upstream_connection_is_kept_alive_and_reused(
+    sup: Supervisor, up: FakeUpstreamThread
+) -> None:
+    """One client connection keeps its requests on one worker, whose pool reuses
+    the upstream connection each exchange released (chunked or not, with a body
+    or not)."""
+    with rawhttp.Conn(sup.port) as conn:
+        for i in range(3):
+            assert conn.request("GET", f"/openai/echo/{i}", [host(sup), AUTH]).status == 200
+        assert conn.request("GET", "/openai/download?bytes=5000&chunked=1",
+                            [host(sup), AUTH]).status == 200  # fmt: skip
+        assert conn.request("POST", "/openai/echo/post", [host(sup), AUTH,
+                            ("Content-Length", "2")], b"{}").status == 200  # fmt: skip
+    used = {r.connection_id for r in up.wait_for_requests(5)}
+    assert len(used) == 1, used
+
+
 def test_head_response_keeps_the_upstream_content_length(sup: Supervisor) -> None:
     with rawhttp.Conn(sup.port) as conn:
         resp = conn.request("HEAD", "/openai/download?bytes=5000", [host(sup), AUTH])
