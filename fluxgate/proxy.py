@@ -27,7 +27,7 @@ from .auth import AuthError, authenticate
 from .config import Config, Upstream, default_config
 from .errors import ProxyError, StreamAborted, error_body, error_headers
 from .headers import client_headers, upstream_headers
-from .logs import TRACE, RequestLog, loggable_target, loggable_url, request_log
+from .logs import TRACE, RequestLog, loggable_target, loggable_url, request_log, text_str
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import WorkerMetrics
 from .routing import match, upstream_target
@@ -116,7 +116,7 @@ class ProxyApp:
         self.client: UpstreamClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pid = os.getpid()
-        self.request_log = RequestLog(_request_fields)
+        self.request_log = RequestLog(_request_fields, render_text=_request_text)
         self.metrics = WorkerMetrics()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -406,3 +406,34 @@ def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     if usage is not None and (counts := usage.result()) is not None:
         fields.update((k, v) for k, v in counts.fields().items() if v is not None)
     return fields
+
+
+def _request_text(values: tuple[Any, ...]) -> str:
+    """`_request_fields` as the text format writes them, without the dict.
+
+    Must produce exactly what TextFormatter makes of `_request_fields(values)`
+    (tests/test_logs.py checks it on generated values).
+    """
+    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
+     duration, ttfb_ms, request_bytes, response_bytes, response_length, usage) = values  # fmt: skip
+    parts = [] if client_ip is None else ["client_ip=" + text_str[client_ip]]
+    parts.append("method=" + text_str[method])
+    parts.append("request_url=" + text_str[loggable_target(target)])
+    if request_length is not None:
+        parts.append(f"request_body_length={request_length}")
+    if key_id is not None:
+        parts.append("api_key=" + text_str[key_id])
+    if upstream is not None:
+        parts.append("upstream=" + text_str[upstream])
+    if target_url is not None:
+        parts.append("target_url=" + text_str[loggable_url(target_url)])
+    parts.append(f"status={status} outcome={text_str[outcome]} "
+                 f"duration_ms={round(duration * 1000, 3)}")  # fmt: skip
+    if ttfb_ms is not None:
+        parts.append(f"ttfb_ms={round(ttfb_ms, 3)}")
+    parts.append(f"request_bytes={request_bytes} response_bytes={response_bytes}")
+    if response_length is not None:
+        parts.append(f"response_body_length={response_length}")
+    if usage is not None and (counts := usage.result()) is not None:
+        parts.extend(f"{k}={n}" for k, n in counts.fields().items() if n is not None)
+    return " ".join(parts)

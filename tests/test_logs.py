@@ -16,17 +16,21 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fluxgate.logs import (
     TRACE,
     FieldsJsonFormatter,
     RequestLog,
     TextFormatter,
-    _text_values,
     log_fields,
     make_handler,
     parse_level,
+    text_str,
 )
+from fluxgate.proxy import _request_fields, _request_text
+from fluxgate.usage import JsonTap
 from tests.conftest import CLIENT_KEY, OPENAI_KEY, proxy_config
 from tests.supervisor_process import Supervisor
 
@@ -270,13 +274,61 @@ def test_request_log_writes_a_full_batch_at_the_next_loop_turn() -> None:
     assert written == [0, 3]
 
 
+_latin1 = st.text(alphabet=st.characters(max_codepoint=255), max_size=24)
+_count = st.integers(min_value=0, max_value=10**12)
+_ms = st.floats(min_value=0, max_value=1e6)
+
+
+def _usage_tap(usage: dict[str, int] | None) -> JsonTap | None:
+    if usage is None:
+        return None
+    tap = JsonTap("openai")
+    tap.feed(json.dumps({"usage": usage}).encode())
+    return tap
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.tuples(
+        st.none() | _latin1,
+        _latin1,
+        st.binary(max_size=40),
+        st.none() | _count,
+        st.none() | _latin1,
+        st.none() | _latin1,
+        st.none() | _latin1,
+        st.integers(0, 999),
+        _latin1,
+        _ms,
+        st.none() | _ms,
+        _count,
+        _count,
+        st.none() | _count,
+        st.none()
+        | st.dictionaries(
+            st.sampled_from(["prompt_tokens", "completion_tokens"]), st.integers(0, 10**6)
+        ),
+    )
+)
+def test_request_text_is_what_the_text_formatter_makes_of_the_request_fields(
+    values: tuple[Any, ...],
+) -> None:
+    """The request line's fast path (proxy._request_text) and the generic one agree."""
+    generic = (*values[:-1], _usage_tap(values[-1]))
+    fast = (*values[:-1], _usage_tap(values[-1]))
+    formatter = TextFormatter(colour=False)
+    level = formatter.level_text(TRACE)
+    expected = formatter.line(level, 1.7e9, 250.0, "request", _request_fields(generic))
+    assert formatter.head(level, 1.7e9, 250.0, "request") + " " + _request_text(fast) == expected
+
+
 def test_text_value_memory_is_bounded() -> None:
-    for i in range(_text_values.LIMIT + 10):
-        _text_values[f"/v1/models/{i}"]
-    assert len(_text_values) <= _text_values.LIMIT
-    long = "x" * (_text_values.LONGEST + 1)
-    assert _text_values[long] == long
-    assert long not in _text_values
+    for i in range(text_str.LIMIT + 10):
+        text_str[f"/v1/models/{i}"]
+    assert len(text_str) <= text_str.LIMIT
+    long = "x" * (text_str.LONGEST + 1)
+    assert text_str[long] == long
+    assert long not in text_str
 
 
 def test_text_formatter_colour_wraps_only_the_level() -> None:
