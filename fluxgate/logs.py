@@ -166,6 +166,23 @@ class FieldsJsonFormatter(JsonFormatter):
         log_data["level"] = "WARN" if record.levelname == "WARNING" else record.levelname
         log_data["timestamp"] = self._clock.timestamp(record.created, record.msecs)
 
+    def line(
+        self,
+        level: str,
+        created: float,
+        msecs: float,
+        message: str,
+        fields: Mapping[str, Any] | None,
+    ) -> str:
+        """What `format` makes of such a record, without one (see RequestLog)."""
+        log_data = {"message": message, **(fields or {}), "level": level,
+                    "timestamp": self._clock.timestamp(created, msecs)}  # fmt: skip
+        return self.serialize_log_record(self.process_log_record(log_data))
+
+    def level_text(self, levelno: int) -> str:
+        name = logging.getLevelName(levelno)
+        return "WARN" if name == "WARNING" else name
+
 
 def parse_level(value: str | None) -> int:
     if not value:
@@ -330,50 +347,39 @@ class RequestLog:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        lines: list[tuple[float, dict[str, Any]]] | None = None
-        records: list[logging.LogRecord] | None = None
         for handler in _handlers(self.logger):
             if handler.level > TRACE:
                 continue
-            formatter = handler.formatter
             if isinstance(handler, logging.StreamHandler):
-                # One write for the batch instead of a write and a flush per line.
-                end = handler.terminator
-                if isinstance(formatter, TextFormatter) and not handler.filters:
-                    # The configured text format needs no LogRecord (a third of a line's cost).
-                    level = formatter.level_text(TRACE)
-                    head = formatter.head
-                    if self.render_text is not None:
-                        render_text = self.render_text
-                        text = "".join([
-                            head(level, t, t % 1 * 1000, "request") + " " + render_text(values)
-                            + end for t, values in pending
-                        ])  # fmt: skip
-                    else:
-                        lines = lines or self._fields(pending)
-                        line = formatter.line
-                        text = "".join([line(level, t, t % 1 * 1000, "request", fields) + end
-                                        for t, fields in lines])  # fmt: skip
-                else:
-                    lines = lines or self._fields(pending)
-                    records = records or self._records(lines)
-                    text = "".join([handler.format(r) + end for r in records if handler.filter(r)])
+                text = self._batch_text(handler, pending)
                 with handler.lock or contextlib.nullcontext():
                     handler.stream.write(text)
                     handler.flush()
             else:
-                lines = lines or self._fields(pending)
-                records = records or self._records(lines)
-                for record in records:
+                for record in self._records(pending):
                     handler.handle(record)
 
-    def _fields(self, pending: list[tuple[float, Any]]) -> list[tuple[float, dict[str, Any]]]:
-        return [(created, self.render(values)) for created, values in pending]
+    def _batch_text(self, handler: logging.StreamHandler[Any], pending: list[Any]) -> str:
+        """The batch as one string: one write instead of a write and a flush per line."""
+        end, formatter = handler.terminator, handler.formatter
+        if handler.filters or not isinstance(formatter, TextFormatter | FieldsJsonFormatter):
+            records = [r for r in self._records(pending) if handler.filter(r)]
+            return "".join([handler.format(r) + end for r in records])
+        # The configured formats need no LogRecord (a third of a line's cost).
+        level = formatter.level_text(TRACE)
+        if isinstance(formatter, TextFormatter) and self.render_text is not None:
+            head, text = formatter.head, self.render_text
+            return "".join([head(level, t, t % 1 * 1000, "request") + " " + text(values) + end
+                            for t, values in pending])  # fmt: skip
+        line, render = formatter.line, self.render
+        return "".join([line(level, t, t % 1 * 1000, "request", render(values)) + end
+                        for t, values in pending])  # fmt: skip
 
-    def _records(self, lines: list[tuple[float, dict[str, Any]]]) -> list[logging.LogRecord]:
+    def _records(self, pending: list[tuple[float, Any]]) -> list[logging.LogRecord]:
         logger = self.logger
         records = []
-        for created, fields in lines:
+        for created, values in pending:
+            fields = self.render(values)
             record = logger.makeRecord(
                 logger.name, TRACE, "", 0, "request", (), None, extra={"fields": fields}
             )

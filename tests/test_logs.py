@@ -236,6 +236,22 @@ def test_request_log_text_batch_matches_the_formatter_line_for_line() -> None:
         assert text == expected
 
 
+def test_request_log_json_batch_matches_the_formatter_line_for_line() -> None:
+    stream = io.StringIO()
+    handler = make_handler({"FLUXGATE_LOG_FORMAT": "json"}, stream)
+    lines = [{"status": 200, "request_url": '/a "b"'}, {"status": 404, "outcome": "no_route"}]
+    _logged_batch(handler, *lines)
+    written = stream.getvalue().splitlines()
+    assert len(written) == 2
+    for text, fields in zip(written, lines, strict=True):
+        rec = logging.LogRecord("r", TRACE, "", 0, "request", (), None)
+        rec.fields = fields
+        rec.created, rec.msecs = 1.7e9, 0.0
+        expected = json.loads(handler.format(rec))
+        expected["timestamp"] = json.loads(text)["timestamp"]
+        assert text == json.dumps(expected)
+
+
 def test_request_log_reaches_handlers_that_are_not_streams() -> None:
     class Collect(logging.Handler):
         def __init__(self) -> None:
