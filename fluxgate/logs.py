@@ -116,7 +116,7 @@ class TextFormatter(logging.Formatter):
         return self._clock.timestamp(record.created, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
-        level = self._levels.get(record.levelno) or self._level_text(record.levelname)
+        level = self.level_text(record.levelno)
         fields: Mapping[str, Any] | None = getattr(record, "fields", None)
         line = self.line(level, record.created, record.msecs, record.getMessage(), fields)
         if record.exc_info:
@@ -163,7 +163,7 @@ class FieldsJsonFormatter(JsonFormatter):
         fields = log_data.pop("fields", None)
         if fields:
             log_data.update(fields)
-        log_data["level"] = "WARN" if record.levelname == "WARNING" else record.levelname
+        log_data["level"] = self.level_text(record.levelno)
         log_data["timestamp"] = self._clock.timestamp(record.created, record.msecs)
 
     def line(

@@ -21,11 +21,10 @@ from yarl import URL
 
 from .errors import ProxyError
 
-# aiohttp adds these unless told not to; `Content-Type` comes from the body
-# payload (application/octet-stream for a stream). Built once, read by every request.
-_SKIP_AUTO_HEADERS: Final = CIMultiDict[None](
-    (name, None) for name in ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-)
+# The one header aiohttp would still add to a request built from a complete
+# header list: the body payload's Content-Type (application/octet-stream for a
+# stream). Built once, read by every request.
+_SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})

@@ -58,9 +58,10 @@ _USAGE: Final = b'"usage"'
 # A usage *object*: OpenAI streams carry `"usage":null` in every chunk but the last.
 _USAGE_OBJECT: Final = re.compile(rb'"usage"\s*:\s*\{')
 _DECODER: Final = json.JSONDecoder()
-# Content-Encodings a JSON tap inflates, with zlib's wbits for each (47: a
-# gzip or zlib header, detected; "deflate" is zlib-wrapped in HTTP).
-_INFLATABLE: Final = {"gzip": 47, "x-gzip": 47, "deflate": 47}
+# Content-Encodings a JSON tap inflates. zlib detects a gzip or a zlib header
+# itself with these wbits ("deflate" is zlib-wrapped in HTTP).
+_INFLATABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
+_GZIP_OR_ZLIB: Final = 47
 
 
 class Usage(NamedTuple):
@@ -206,15 +207,15 @@ class SseTap(Tap):
 
 
 class JsonTap(Tap):
-    __slots__ = ("_parts", "_size", "_usage", "_wbits")
+    __slots__ = ("_compressed", "_parts", "_size", "_usage")
     active = True
 
-    def __init__(self, fmt: str, wbits: int | None = None) -> None:
+    def __init__(self, fmt: str, compressed: bool = False) -> None:
         super().__init__(fmt, NOT_REPORTED)
         self._parts: list[bytes] | None = []
         self._size = 0
         self._usage: Usage | None = None
-        self._wbits = wbits  # the body is compressed: inflate it before parsing
+        self._compressed = compressed  # gzip or deflate: inflate before parsing
 
     def feed(self, chunk: bytes) -> None:
         parts = self._parts
@@ -231,16 +232,16 @@ class JsonTap(Tap):
         parts, self._parts = self._parts, None
         if parts:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
-            if self._wbits is not None:
-                body = self._inflate(body, self._wbits)
+            if self._compressed:
+                body = self._inflate(body)
             usage = last_usage_object(body)
             if usage:
                 self._usage, self.reason = _NORMALISE[self.fmt](usage), None
         return self._usage
 
-    def _inflate(self, body: bytes, wbits: int) -> bytes:
+    def _inflate(self, body: bytes) -> bytes:
         """At most MAX_BUFFER bytes of the decoded body; b"" if it is larger or corrupt."""
-        inflater = zlib.decompressobj(wbits)
+        inflater = zlib.decompressobj(_GZIP_OR_ZLIB)
         try:
             plain = inflater.decompress(body, MAX_BUFFER)
         except zlib.error:
@@ -281,17 +282,15 @@ def open_tap(fmt: str, status: int, headers: Mapping[str, str], length: int | No
     """
     if not 200 <= status < 300:
         return None
-    encoding = headers.get("content-encoding")
-    wbits = None
-    if encoding and (encoding := encoding.strip().lower()) != "identity":
-        wbits = _INFLATABLE.get(encoding)
-        if wbits is None:
-            return Tap(fmt, COMPRESSED)
+    encoding = headers.get("content-encoding", "").strip().lower()
+    compressed = encoding not in ("", "identity")
+    if compressed and encoding not in _INFLATABLE:
+        return Tap(fmt, COMPRESSED)
     content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type == "text/event-stream":
-        return SseTap(fmt) if wbits is None else Tap(fmt, COMPRESSED)
+        return Tap(fmt, COMPRESSED) if compressed else SseTap(fmt)
     if content_type == "application/json" or content_type.endswith("+json"):
         if length is not None and length > MAX_BUFFER:
             return Tap(fmt, TOO_LARGE)
-        return JsonTap(fmt, wbits)
+        return JsonTap(fmt, compressed)
     return Tap(fmt, UNSUPPORTED_TYPE)
