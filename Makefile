@@ -1,18 +1,20 @@
 # Fluxgate: `make demo` runs the product on a working demo, `make test` runs the tests.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The versions the suite last passed with; empty (as test-latest sets it) = the newest.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-latest constraints lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,9 +30,20 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
 
+# The same suite on the newest versions pip picks today, in a venv of its own.
+test-latest:
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
+# Record what .venv holds now as the tested versions (after a green make test-latest,
+# copy its venv's versions: make constraints VENV=.venv-latest).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	    | grep -v '^fluxgate-gateway=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 bench: $(STAMP)
 	sh bench/setup.sh $(BIN)/python
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-latest build *.egg-info .pytest_cache .mypy_cache .ruff_cache

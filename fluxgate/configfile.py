@@ -267,6 +267,11 @@ def _children(node: Node) -> list[Node]:
     return []
 
 
+def _char_at(text: str, line: int, column: int) -> str:
+    lines = text.split("\n", line + 1)
+    return lines[line][column : column + 1] if line < len(lines) else ""
+
+
 def _yaml_error(exc: yaml.YAMLError, text: str, byte_offsets: bool) -> str:
     # Built from the parts, not str(exc): that would quote the offending
     # line, which may hold a secret.
@@ -281,6 +286,9 @@ def _yaml_error(exc: yaml.YAMLError, text: str, byte_offsets: bool) -> str:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
         what = exc.problem or exc.context or "invalid YAML"
+        if mark and _char_at(text, mark.line, mark.column) == "\t":
+            # The parsers' own words ("cannot start any token") do not say it.
+            return f"{where}: invalid YAML: a tab character; YAML indents with spaces only"
         if exc.problem and exc.context:
             context_line = f" on line {exc.context_mark.line + 1}" if exc.context_mark else ""
             what = f"{what} ({exc.context}{context_line})"

@@ -1,7 +1,7 @@
 """The `fluxgate-supervisor` command line (SPEC §2): start, check, reload, token.
 
 Everything except `start` runs here and exits quickly; `start` hands over to
-`supervisor.app.run`, imported only then so that `--help`, `check` and
+`fluxgate_supervisor.app.run`, imported only then so that `--help`, `check` and
 `token` work without the server's dependencies being importable.
 
 Exit codes: 0 success, 1 a problem with the file, pid file or process,
@@ -13,6 +13,7 @@ to default to).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fluxgate.configfile import ConfigFileError, ConfigInvalid, LoadedConfig, load_config_file
 
+DISTRIBUTION = "fluxgate-gateway"  # the name on PyPI (`fluxgate` is another project)
 DEFAULT_CONFIG = "./fluxgate.yaml"
 DEFAULT_TOKEN_TTL = 3600
 TOKEN_SUBJECT = "fluxgate-cli"
@@ -46,11 +48,19 @@ _positive_int = _whole_number(1, "at least 1")
 _non_negative_int = _whole_number(0, "0 or more")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fluxgate-supervisor",
         description="Fluxgate: a streaming reverse proxy in front of LLM providers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def config_option(sub: argparse.ArgumentParser) -> None:
@@ -198,7 +208,7 @@ def cmd_token(path: str, kid: str, ttl: int) -> int:
 
 
 def cmd_start(config: str, workers: int | None, pid_file: str | None) -> int:
-    from supervisor.app import run  # the server stack, loaded only when serving
+    from .app import run  # the server stack, loaded only when serving
 
     return int(run(config_path=config, workers=workers, pid_file=pid_file))
 

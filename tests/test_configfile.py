@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
+from fluxgate import configfile
 from fluxgate.configfile import (
     MAX_CONFIG_BYTES,
     ConfigFileError,
@@ -191,8 +193,30 @@ def test_a_self_referencing_alias_is_rejected() -> None:
     ]
 
 
+# A located YAML problem: "line L, column C: invalid YAML: …" or "(yaml): …". The text
+# after that is the parser's own (libyaml and PyYAML word limits differently).
+LOCATED_YAML_ERROR = re.compile(r"^(line \d+, column \d+|\(yaml\)): ")
+
+
 def test_deep_nesting_is_rejected_without_crashing() -> None:
+    errors = errors_of("[" * 200_000)
+    assert len(errors) == 1 and LOCATED_YAML_ERROR.match(errors[0]), errors
+
+
+def test_deep_nesting_in_the_pure_python_parser_is_our_own_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without libyaml (or below its own limit) the recursion limit is what stops it."""
+    monkeypatch.setattr(configfile, "_Loader", configfile._PureLoader)
     assert errors_of("[" * 200_000) == ["(yaml): the document is nested too deeply"]
+
+
+@pytest.mark.parametrize("loader", ["_PureLoader", "_Loader"])
+def test_a_tab_used_as_indentation_is_named(loader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(configfile, "_Loader", getattr(configfile, loader))
+    errors = errors_of("version: 1\nserver:\n\tworkers: 2\n")
+    assert len(errors) == 1 and errors[0].startswith("line 3, column 1: "), errors
+    assert "tab" in errors[0]
 
 
 def test_not_utf8_bytes_are_a_file_error_when_loading(tmp_path: Path) -> None:

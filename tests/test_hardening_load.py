@@ -40,7 +40,7 @@ from fluxgate.auth import AuthError, authenticate
 from fluxgate.config import Config, build_config
 from fluxgate.configfile import ConfigInvalid, parse_config_bytes
 from fluxgate.routing import match
-from supervisor.watcher import ConfigWatcher
+from fluxgate_supervisor.watcher import ConfigWatcher
 from tests import rawhttp
 from tests.conftest import CLIENT_KEY, LIMITED_KEY, proxy_config
 from tests.supervisor_process import Supervisor, wait_until

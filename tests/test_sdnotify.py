@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import sdnotify
+from fluxgate_supervisor import sdnotify
 
 
 @pytest.fixture(autouse=True)

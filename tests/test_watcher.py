@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.watcher import ConfigWatcher
+from fluxgate_supervisor.watcher import ConfigWatcher
 
 SETTLE = 0.02
 # SPEC §3: detected within 100 ms of the write settling.
