@@ -23,8 +23,14 @@ from typing import Any, Final
 import jwt
 
 from .config import Config, Principal, key_digest
-
-CREDENTIAL_HEADERS: Final = frozenset({b"authorization", b"x-api-key", b"api-key"})
+from .errors import (
+    BAD_SCHEME,
+    NO_CREDENTIAL,
+    NO_UPSTREAM_GRANTED,
+    UNAUTHORIZED,
+    ErrorResponse,
+    ProxyError,
+)
 
 # Tokens longer than this are refused before any hashing or JWT parsing; no
 # legitimate key or HS256 JWT comes near it.
@@ -34,13 +40,29 @@ MAX_TOKEN_BYTES: Final = 8192
 VERIFIED_JWTS_LIMIT: Final = 4096
 
 
-class AuthError(Exception):
-    """Authentication failed; the message is safe to return to the client."""
+class AuthError(ProxyError):
+    """Authentication failed. The client sees `response` (for a bad token, only
+    "invalid credential"); the log line gets `reason`, which says why without
+    saying with what. Raised fresh each time (see fluxgate.errors)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str, response: ErrorResponse = UNAUTHORIZED) -> None:
+        super().__init__(response)
+        self.reason = reason
 
 
-_NO_CREDENTIAL = AuthError("missing credential: send Authorization: Bearer <key>")
-_BAD_SCHEME = AuthError("unsupported authorization scheme: use Bearer")
-_INVALID = AuthError("invalid credential")
+# Why a request was refused, as the log line's `auth_error` says it.
+NO_CREDENTIAL_REASON: Final = "no_credential"
+BAD_SCHEME_REASON: Final = "bad_scheme"
+TOO_LONG: Final = "too_long"
+UNKNOWN_KEY: Final = "unknown_key"  # neither a static key nor a JWT for a configured kid
+UNKNOWN_KID: Final = "unknown_kid"
+MALFORMED: Final = "malformed"  # JWT-shaped but not a well-formed HS256 JWT
+BAD_SIGNATURE: Final = "bad_signature"
+EXPIRED: Final = "expired"
+NOT_YET_VALID: Final = "not_yet_valid"
+NO_UPSTREAM: Final = "no_upstream"
 
 
 def extract_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -51,10 +73,10 @@ def extract_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         if name == b"authorization":
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() != b"bearer":
-                raise _BAD_SCHEME
+                raise AuthError(BAD_SCHEME_REASON, BAD_SCHEME)
             token = token.strip()
             if not token:
-                raise _NO_CREDENTIAL
+                raise AuthError(NO_CREDENTIAL_REASON, NO_CREDENTIAL)
             return token
         if name == b"x-api-key" and x_api_key is None:
             x_api_key = value.strip()
@@ -62,7 +84,7 @@ def extract_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
             api_key = value.strip()
     fallback = x_api_key or api_key
     if not fallback:
-        raise _NO_CREDENTIAL
+        raise AuthError(NO_CREDENTIAL_REASON, NO_CREDENTIAL)
     return fallback
 
 
@@ -71,18 +93,15 @@ def _verify_jwt(config: Config, token: bytes) -> tuple[Principal, float, float]:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
-        raise _INVALID from None
+        raise AuthError(MALFORMED) from None
     # PyJWT checks neither `typ` nor `kid` against our keys: do it before verifying.
     if header.get("alg") != "HS256":
-        raise _INVALID
+        raise AuthError(MALFORMED)
     if "typ" in header and header["typ"] != "JWT":  # optional, but `null` is not absent
-        raise _INVALID
+        raise AuthError(MALFORMED)
     kid = header.get("kid")
-    if not isinstance(kid, str):
-        raise _INVALID
-    secret = config.jwt_keys.get(kid)
-    if secret is None:
-        raise _INVALID
+    if not isinstance(kid, str) or (secret := config.jwt_keys.get(kid)) is None:
+        raise AuthError(UNKNOWN_KID)
     try:
         claims = jwt.decode(
             token,
@@ -90,9 +109,23 @@ def _verify_jwt(config: Config, token: bytes) -> tuple[Principal, float, float]:
             algorithms=["HS256"],
             options={"verify_aud": False, "verify_iss": False, "verify_sub": False},
         )
+    except jwt.ExpiredSignatureError:
+        raise AuthError(EXPIRED) from None
+    except jwt.ImmatureSignatureError:
+        raise AuthError(NOT_YET_VALID) from None
+    except jwt.InvalidSignatureError:
+        raise AuthError(BAD_SIGNATURE) from None
     except jwt.PyJWTError:
-        raise _INVALID from None
+        raise AuthError(MALFORMED) from None
     return config.jwt_principals[kid], *_valid_window(claims)
+
+
+def _outside(start: float, end: float, now: float) -> AuthError | None:
+    if now < start:
+        return AuthError(NOT_YET_VALID)
+    if now >= end:
+        return AuthError(EXPIRED)
+    return None
 
 
 def _valid_window(claims: dict[str, Any]) -> tuple[float, float]:
@@ -113,10 +146,10 @@ def _jwt_principal(config: Config, token: bytes, now: float) -> Principal:
         principal, start, end = known
         if start <= now < end:
             return principal
-        del verified[token]  # expired: verify again, which refuses it
+        del verified[token]  # out of its window: verify again, which refuses it
     principal, start, end = _verify_jwt(config, token)
-    if not start <= now < end:  # PyJWT read the clock a moment earlier
-        raise _INVALID
+    if (error := _outside(start, end, now)) is not None:  # PyJWT read the clock earlier
+        raise error
     if len(verified) >= VERIFIED_JWTS_LIMIT:
         verified.clear()
     verified[token] = (principal, start, end)
@@ -130,12 +163,12 @@ def authenticate(
     time to judge a JWT's validity at, for tests; default the clock)."""
     token = extract_token(headers)
     if len(token) > MAX_TOKEN_BYTES:
-        raise _INVALID
+        raise AuthError(TOO_LONG)
     principal = config.static_keys.get(key_digest(token))
     if principal is None:
         if not config.jwt_keys or token.count(b".") != 2:
-            raise _INVALID
+            raise AuthError(UNKNOWN_KEY)
         principal = _jwt_principal(config, token, time.time() if now is None else now)
     if not principal.routes:
-        raise AuthError("credential grants no upstream")
+        raise AuthError(NO_UPSTREAM, NO_UPSTREAM_GRANTED)
     return principal

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
+from .headers import drop_headers
+
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_REQUEST_TIMEOUT_MS = 120_000
@@ -59,6 +61,8 @@ class Upstream:
     base_path: bytes  # target_url path without its trailing "/"
     host_item: tuple[str, str]  # ("host", authority): port only when non-default
     credential: tuple[str, str] | None = field(repr=False)  # header set upstream
+    # Client request headers never forwarded to this upstream (see fluxgate.headers).
+    drop_headers: frozenset[bytes]
     usage: str | None = None  # token usage format read from responses; None = off
 
 
@@ -81,6 +85,8 @@ class Config:
     jwt_keys: Mapping[str, bytes] = field(repr=False)  # kid -> HS256 secret
     jwt_principals: Mapping[str, Principal] = field(repr=False)  # kid -> Principal
     generation: int = 0
+    # Running on the safe defaults: no valid file has been applied yet (health: 503).
+    safe_defaults: bool = False
     # JWTs verified under this config: token -> (principal, valid from, valid
     # until). The one part that fills as requests come (fluxgate.auth); it goes
     # with the config, so a reload (new keys) starts it empty.
@@ -142,6 +148,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
         credential=credential,
+        drop_headers=drop_headers(auth_header.encode()),
         usage=None if usage in (False, "off") else usage,
     )
 
@@ -193,10 +200,14 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         jwt_keys=MappingProxyType(jwt_keys),
         jwt_principals=MappingProxyType(jwt_principals),
         generation=generation,
+        safe_defaults=bool(doc.get(SAFE_DEFAULTS_KEY)),
     )
 
 
-DEFAULT_DOC: Mapping[str, Any] = MappingProxyType({"version": 1})
+# Marks the safe defaults' document (a key no valid file can have: validation
+# refuses unknown keys), so that a worker knows it has nothing to serve yet.
+SAFE_DEFAULTS_KEY = "_safe_defaults"
+DEFAULT_DOC: Mapping[str, Any] = MappingProxyType({"version": 1, SAFE_DEFAULTS_KEY: True})
 
 
 def default_config(generation: int = 0) -> Config:

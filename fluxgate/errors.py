@@ -1,17 +1,33 @@
-"""Error responses: one small JSON body shape for every status Fluxgate produces itself.
+"""Error responses: every status Fluxgate answers with itself, built once at import.
 
-Bodies are precomputed per (status, type, message) where the message is a
-constant, so the hot path of a rejection only looks them up. Messages never
-carry request data or secrets: they say what went wrong, not with what.
+An `ErrorResponse` is a constant (status, JSON body, headers, log outcome).
+The request path picks one and sends its prebuilt bytes; nothing about a
+refusal is formatted per request. Messages never carry request data or
+secrets: they say what went wrong, not with what.
+
+Refusals travel up the request path as a `ProxyError` made fresh at each
+raise around one of these constants. A raised exception keeps the frames it
+passed through (and their locals: the request's headers, its credential) in
+its `__traceback__`; an instance kept at module level and raised again and
+again would keep adding to that chain for the life of the worker. So no
+exception instance is ever stored: the constants are plain data (see
+docs/security.md, "Memory held by errors").
 """
 
 from __future__ import annotations
 
 import http
 import json
+from dataclasses import dataclass
 from typing import Final
 
 JSON_CONTENT_TYPE: Final = b"application/json"
+
+# "HTTP/1.1 404 Not Found\r\n" for every status, as uvicorn builds its own table.
+STATUS_LINES: Final = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in http.HTTPStatus
+}
 
 
 def error_body(error_type: str, message: str) -> bytes:
@@ -21,34 +37,57 @@ def error_body(error_type: str, message: str) -> bytes:
 def error_headers(body: bytes, close: bool = False) -> list[tuple[bytes, bytes]]:
     headers = [
         (b"content-type", JSON_CONTENT_TYPE),
-        (b"content-length", str(len(body)).encode()),
+        (b"content-length", b"%d" % len(body)),
     ]
     if close:
         headers.append((b"connection", b"close"))
     return headers
 
 
-def raw_error_response(status: int, error_type: str, message: str) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection.
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """One of Fluxgate's own answers, with its bytes ready to send."""
 
-    Used by the protocol layer, which answers before any ASGI cycle exists.
-    """
-    body = error_body(error_type, message)
-    reason = http.HTTPStatus(status).phrase
-    head = [f"HTTP/1.1 {status} {reason}".encode()]
-    head += [name + b": " + value for name, value in error_headers(body, close=True)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    status: int
+    error_type: str
+    message: str
+    outcome: str  # the request log line's `outcome`
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def make(
+        cls,
+        status: int,
+        error_type: str,
+        message: str,
+        outcome: str | None = None,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> ErrorResponse:
+        body = error_body(error_type, message)
+        headers = (*error_headers(body), *extra_headers)
+        return cls(status, error_type, message, outcome or error_type, body, headers)
+
+    def raw(self) -> bytes:
+        """The whole response as bytes that close the connection, for the protocol
+        layer, which answers before any ASGI cycle exists."""
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
+        return STATUS_LINES[self.status] + head + b"connection: close\r\n\r\n" + self.body
+
+
+def raw_error_response(status: int, error_type: str, message: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection (see `ErrorResponse.raw`)."""
+    return ErrorResponse.make(status, error_type, message).raw()
 
 
 class ProxyError(Exception):
-    """A failure the proxy answers with its own status and JSON error body."""
+    """A refusal or failure answered with `response`; raise a new one each time."""
 
-    def __init__(self, status: int, error_type: str, message: str, outcome: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        self.outcome = outcome
+    __slots__ = ("response",)
+
+    def __init__(self, response: ErrorResponse) -> None:
+        super().__init__(response.message)
+        self.response = response
 
 
 class StreamAborted(Exception):
@@ -57,3 +96,44 @@ class StreamAborted(Exception):
     Raised out of the ASGI app on purpose so that uvicorn closes the
     transport instead of completing a truncated body as if it were whole.
     """
+
+
+# The app's own answers (fluxgate.proxy).
+UNAUTHORIZED: Final = ErrorResponse.make(401, "unauthorized", "invalid credential")
+NO_CREDENTIAL: Final = ErrorResponse.make(
+    401, "unauthorized", "missing credential: send Authorization: Bearer <key>"
+)
+BAD_SCHEME: Final = ErrorResponse.make(
+    401, "unauthorized", "unsupported authorization scheme: use Bearer"
+)
+NO_UPSTREAM_GRANTED: Final = ErrorResponse.make(
+    401, "unauthorized", "credential grants no upstream"
+)
+NOT_FOUND: Final = ErrorResponse.make(404, "not_found", "no upstream matches this path", "no_route")
+NO_ENDPOINT: Final = ErrorResponse.make(404, "not_found", "no such Fluxgate endpoint", "no_route")
+OWN_METHOD: Final = ErrorResponse.make(
+    405, "method_not_allowed", "use GET or HEAD", extra_headers=((b"allow", b"GET, HEAD"),)
+)
+DOT_SEGMENT: Final = ErrorResponse.make(
+    400, "bad_request", "the path has a . or .. segment (raw or percent-encoded)", "bad_path"
+)
+
+# Upstream failures before any response byte (fluxgate.upstream).
+UPSTREAM_DNS_ERROR: Final = ErrorResponse.make(
+    502, "upstream_dns_error", "upstream host name did not resolve"
+)
+UPSTREAM_TLS_ERROR: Final = ErrorResponse.make(
+    502, "upstream_tls_error", "TLS handshake with the upstream failed"
+)
+UPSTREAM_UNREACHABLE: Final = ErrorResponse.make(
+    502, "upstream_unreachable", "could not connect to the upstream"
+)
+UPSTREAM_BAD_RESPONSE: Final = ErrorResponse.make(
+    502, "upstream_bad_response", "the upstream sent an invalid response"
+)
+UPSTREAM_CONNECTION_ERROR: Final = ErrorResponse.make(
+    502, "upstream_connection_error", "the upstream closed the connection before responding"
+)
+UPSTREAM_TIMEOUT: Final = ErrorResponse.make(
+    504, "upstream_timeout", "the upstream did not answer within request_timeout_ms"
+)

@@ -7,10 +7,10 @@ headers, `Host` and `Expect`, which the proxy replaces or consumes.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from .auth import CREDENTIAL_HEADERS
-from .config import Upstream
+if TYPE_CHECKING:
+    from .config import Upstream
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -26,10 +26,20 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 
+# Where a client may put its credential for Fluxgate (fluxgate.auth reads them).
+CREDENTIAL_HEADERS: Final = frozenset({b"authorization", b"x-api-key", b"api-key"})
+
 # `Host` is set from the target URL; `Expect: 100-continue` is answered by
 # uvicorn itself, and forwarding it would make the client library wait for
 # a second 100 from the upstream.
 _DROP_UPSTREAM: Final = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"host", b"expect"}
+
+
+def drop_headers(auth_header: bytes) -> frozenset[bytes]:
+    """Client headers not forwarded to an upstream whose key goes in `auth_header`:
+    a client's own copy of that header (`x-goog-api-key`, say) would reach the
+    provider ahead of ours."""
+    return _DROP_UPSTREAM | {auth_header}
 
 
 def wire_text(raw: bytes) -> str:
@@ -63,7 +73,7 @@ def upstream_headers(
     aiohttp takes `str` pairs and writes the head as UTF-8, so values are
     decoded as UTF-8 to go up byte for byte (see `wire_text`).
     """
-    drop = _DROP_UPSTREAM
+    drop = upstream.drop_headers
     if any(name == b"connection" for name, _ in headers):
         drop = drop | _connection_tokens(headers)
     out = [upstream.host_item]

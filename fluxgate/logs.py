@@ -120,8 +120,9 @@ class TextFormatter(logging.Formatter):
         fields: Mapping[str, Any] | None = getattr(record, "fields", None)
         line = self.line(level, record.created, record.msecs, record.getMessage(), fields)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            line += " exception=" + _quoted(self.formatException(record.exc_info))
+        # One event, one line: journald and Loki make each line its own record.
+        return line.replace("\n", "\\n") if "\n" in line else line
 
     def line(
         self,
@@ -145,7 +146,7 @@ class TextFormatter(logging.Formatter):
         return self._levels.get(levelno) or self._level_text(logging.getLevelName(levelno))
 
     def _level_text(self, levelname: str) -> str:
-        text = f"{'WARN' if levelname == 'WARNING' else levelname:<5}"
+        text = f"{levelname:<5}"
         return _COLOURS.get(levelname, "") + text + _RESET if self.colour else text
 
 
@@ -180,8 +181,7 @@ class FieldsJsonFormatter(JsonFormatter):
         return self.serialize_log_record(self.process_log_record(log_data))
 
     def level_text(self, levelno: int) -> str:
-        name = logging.getLevelName(levelno)
-        return "WARN" if name == "WARNING" else name
+        return str(logging.getLevelName(levelno))
 
 
 def parse_level(value: str | None) -> int:

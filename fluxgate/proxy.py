@@ -25,13 +25,23 @@ import aiohttp
 
 from .auth import AuthError, authenticate
 from .config import Config, Upstream, default_config
-from .errors import ProxyError, StreamAborted, error_body, error_headers
+from .errors import (
+    DOT_SEGMENT,
+    NO_ENDPOINT,
+    NOT_FOUND,
+    OWN_METHOD,
+    UPSTREAM_TIMEOUT,
+    ErrorResponse,
+    ProxyError,
+    StreamAborted,
+    error_headers,
+)
 from .headers import client_headers, upstream_headers
 from .logs import TRACE, RequestLog, loggable_target, loggable_url, request_log, text_str
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import WorkerMetrics
-from .routing import match, upstream_target
-from .upstream import UPSTREAM_TIMEOUT, UpstreamClient, upstream_failure
+from .routing import has_dot_segment, match, upstream_target
+from .upstream import UpstreamClient, upstream_failure
 from .usage import Tap, open_tap
 
 # Fluxgate's own endpoints live under this prefix, which is never proxied.
@@ -45,15 +55,12 @@ CONNECTION_SCOPE_KEY: Final = "fluxgate.connection"
 
 Scope = dict[str, Any]
 
-_NOT_FOUND = ProxyError(404, "not_found", "no upstream matches this path", "no_route")
-_NO_ENDPOINT = ProxyError(404, "not_found", "no such Fluxgate endpoint", "no_route")
-_OWN_METHOD = ProxyError(405, "method_not_allowed", "use GET or HEAD", "method_not_allowed")
-
 
 class Exchange:
     """What one request did, for its log line."""
 
     __slots__ = (
+        "auth_error",
         "client_gone",
         "finished",
         "key_id",
@@ -74,6 +81,7 @@ class Exchange:
         self.status = 0
         self.outcome = "ok"
         self.key_id: str | None = None
+        self.auth_error: str | None = None  # why authentication failed (fluxgate.auth)
         self.upstream: str | None = None
         self.target_url: str | None = None
         self.ttfb_ms: float | None = None
@@ -152,19 +160,23 @@ class ProxyApp:
             if path.startswith(RESERVED_PREFIX) and _is_reserved(path):
                 await self._own_endpoint(config, path, scope["method"], send, ex)
                 return
+            if has_dot_segment(path):
+                raise ProxyError(DOT_SEGMENT)
             try:
                 principal = authenticate(config, headers)
             except AuthError as exc:
-                raise ProxyError(401, "unauthorized", str(exc), "unauthorized") from None
+                ex.auth_error = exc.reason
+                raise
             ex.key_id = principal.key_id
             upstream = match(principal.routes, path)
             if upstream is None:
-                raise _NOT_FOUND
+                raise ProxyError(NOT_FOUND)
             await self._forward(config, upstream, scope, target, receive, send, ex)
         except ProxyError as err:
-            ex.status, ex.outcome = err.status, err.outcome
+            response = err.response
+            ex.status, ex.outcome = response.status, response.outcome
             if not ex.client_gone:
-                ex.response_bytes = ex.response_length = await _send_error(send, err)
+                ex.response_bytes = ex.response_length = await _send_error(send, response)
         finally:
             duration = time.monotonic() - started
             if config.server.metrics:
@@ -180,9 +192,10 @@ class ProxyApp:
         elif path in METRICS_PATHS and self._serves_metrics(config):
             ex.outcome = "metrics"
         else:
-            raise _NO_ENDPOINT
+            raise ProxyError(NO_ENDPOINT)
         if method not in ("GET", "HEAD"):
-            raise _OWN_METHOD
+            raise ProxyError(OWN_METHOD)
+        status = 200
         if ex.outcome == "metrics":
             body = await self.metrics.render()
             headers = [
@@ -190,14 +203,22 @@ class ProxyApp:
                 (b"content-length", b"%d" % len(body)),
             ]
         else:
-            body = json.dumps(
-                {"status": "ok", "generation": config.generation, "pid": self.pid}
-            ).encode()
+            status, body = self._health(config)
             headers = error_headers(body)
-        ex.status = 200
+        ex.status = status
         ex.response_bytes = ex.response_length = len(body)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _health(self, config: Config) -> tuple[int, bytes]:
+        """200 while a valid config serves; 503 on the safe defaults, which can
+        serve nothing, so that a load balancer sends its traffic elsewhere."""
+        state: dict[str, object] = {"status": "ok"}
+        status = 200
+        if config.safe_defaults:
+            status, state = 503, {"status": "unavailable", "reason": "no_config"}
+        body = {**state, "generation": config.generation, "pid": self.pid}
+        return status, json.dumps(body).encode()
 
     def _serves_metrics(self, config: Config) -> bool:
         """The main listener serves metrics unless they are off or on their own address."""
@@ -292,7 +313,7 @@ class ProxyApp:
             if ex.timed_out:
                 task.uncancel()
                 if not ex.response_started:
-                    raise UPSTREAM_TIMEOUT from None
+                    raise ProxyError(UPSTREAM_TIMEOUT) from None
                 ex.outcome = "upstream_timeout"
                 raise StreamAborted from None
             if not ex.client_gone:
@@ -338,13 +359,12 @@ async def _request_body(receive: Any, ex: Exchange) -> AsyncIterator[bytes]:
             return
 
 
-async def _send_error(send: Any, err: ProxyError) -> int:
-    body = error_body(err.error_type, err.message)
+async def _send_error(send: Any, response: ErrorResponse) -> int:
     await send(
-        {"type": "http.response.start", "status": err.status, "headers": error_headers(body)}
+        {"type": "http.response.start", "status": response.status, "headers": response.headers}
     )
-    await send({"type": "http.response.body", "body": body})
-    return len(body)
+    await send({"type": "http.response.body", "body": response.body})
+    return len(response.body)
 
 
 def _is_reserved(path: bytes) -> bool:
@@ -369,6 +389,7 @@ def _request_values(scope: Scope, target: bytes, ex: Exchange, duration: float) 
         ex.target_url,
         ex.status,
         ex.outcome,
+        ex.auth_error,
         duration,
         ex.ttfb_ms,
         ex.request_bytes,
@@ -381,7 +402,8 @@ def _request_values(scope: Scope, target: bytes, ex: Exchange, duration: float) 
 def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     """The log line's fields (those that are not None), from `_request_values`."""
     (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
-     duration, ttfb_ms, request_bytes, response_bytes, response_length, usage) = values  # fmt: skip
+     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
+     usage) = values  # fmt: skip
     fields: dict[str, Any] = {"client_ip": client_ip, "method": method,
                               "request_url": loggable_target(target)}  # fmt: skip
     if client_ip is None:
@@ -396,6 +418,8 @@ def _request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
         fields["target_url"] = loggable_url(target_url)
     fields["status"] = status
     fields["outcome"] = outcome
+    if auth_error is not None:
+        fields["auth_error"] = auth_error
     fields["duration_ms"] = round(duration * 1000, 3)
     if ttfb_ms is not None:
         fields["ttfb_ms"] = round(ttfb_ms, 3)
@@ -415,7 +439,8 @@ def _request_text(values: tuple[Any, ...]) -> str:
     (tests/test_logs.py checks it on generated values).
     """
     (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
-     duration, ttfb_ms, request_bytes, response_bytes, response_length, usage) = values  # fmt: skip
+     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
+     usage) = values  # fmt: skip
     parts = [] if client_ip is None else ["client_ip=" + text_str[client_ip]]
     parts.append("method=" + text_str[method])
     parts.append("request_url=" + text_str[loggable_target(target)])
@@ -427,8 +452,10 @@ def _request_text(values: tuple[Any, ...]) -> str:
         parts.append("upstream=" + text_str[upstream])
     if target_url is not None:
         parts.append("target_url=" + text_str[loggable_url(target_url)])
-    parts.append(f"status={status} outcome={text_str[outcome]} "
-                 f"duration_ms={round(duration * 1000, 3)}")  # fmt: skip
+    parts.append(f"status={status} outcome={text_str[outcome]}")
+    if auth_error is not None:
+        parts.append("auth_error=" + auth_error)  # one of fluxgate.auth's fixed words
+    parts.append(f"duration_ms={round(duration * 1000, 3)}")
     if ttfb_ms is not None:
         parts.append(f"ttfb_ms={round(ttfb_ms, 3)}")
     parts.append(f"request_bytes={request_bytes} response_bytes={response_bytes}")

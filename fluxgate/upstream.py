@@ -19,7 +19,14 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import ProxyError
+from .errors import (
+    UPSTREAM_BAD_RESPONSE,
+    UPSTREAM_CONNECTION_ERROR,
+    UPSTREAM_DNS_ERROR,
+    UPSTREAM_TLS_ERROR,
+    UPSTREAM_UNREACHABLE,
+    ProxyError,
+)
 
 # The one header aiohttp would still add to a request built from a complete
 # header list: the body payload's Content-Type (application/octet-stream for a
@@ -156,38 +163,11 @@ class UpstreamClient:
 def upstream_failure(exc: BaseException) -> ProxyError:
     """The 502 that answers an upstream failure before any response byte arrived."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return ProxyError(
-            502, "upstream_dns_error", "upstream host name did not resolve", "upstream_dns_error"
-        )
+        return ProxyError(UPSTREAM_DNS_ERROR)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return ProxyError(
-            502,
-            "upstream_tls_error",
-            "TLS handshake with the upstream failed",
-            "upstream_tls_error",
-        )
+        return ProxyError(UPSTREAM_TLS_ERROR)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ProxyError(
-            502, "upstream_unreachable", "could not connect to the upstream", "upstream_unreachable"
-        )
+        return ProxyError(UPSTREAM_UNREACHABLE)
     if isinstance(exc, aiohttp.ClientResponseError):
-        return ProxyError(
-            502,
-            "upstream_bad_response",
-            "the upstream sent an invalid response",
-            "upstream_bad_response",
-        )
-    return ProxyError(
-        502,
-        "upstream_connection_error",
-        "the upstream closed the connection before responding",
-        "upstream_connection_error",
-    )
-
-
-UPSTREAM_TIMEOUT: Final = ProxyError(
-    504,
-    "upstream_timeout",
-    "the upstream did not answer within request_timeout_ms",
-    "upstream_timeout",
-)
+        return ProxyError(UPSTREAM_BAD_RESPONSE)
+    return ProxyError(UPSTREAM_CONNECTION_ERROR)

@@ -400,3 +400,48 @@ def test_token_from_the_cli_is_accepted_by_the_running_proxy(
     assert status == 200, body
     assert json.loads(body)["object"] == "list"
     assert upstream.requests[-1].path == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, "no_credential"),
+        ({"Authorization": "Basic Y2k6cGFzcw=="}, "bad_scheme"),
+        ({"Authorization": "Bearer fg-wrong-key"}, "unknown_key"),
+        ({"Authorization": "Bearer " + "k" * (MAX_TOKEN_BYTES + 1)}, "too_long"),
+        ({"Authorization": "Bearer not.a.jwt"}, "malformed"),
+    ],
+)
+def test_the_log_line_says_why_a_credential_was_refused(
+    proxy: Supervisor, headers: dict[str, str], reason: str
+) -> None:
+    mark = proxy.mark()
+    status = proxy.request("GET", "/openai/v1/models", headers=headers)[0]
+    assert status == 401
+    line = proxy.wait_for_log(r"request .*status=401", start=mark)
+    assert f" auth_error={reason} " in line
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (lambda: make_jwt(exp=int(time.time()) - 60), "expired"),
+        (lambda: make_jwt(nbf=int(time.time()) + 600), "not_yet_valid"),
+        (lambda: make_jwt(secret="a-rotated-secret-of-at-least-32-bytes!!"), "bad_signature"),
+        (lambda: make_jwt(kid="nobody"), "unknown_kid"),
+    ],
+    ids=["expired", "not_yet_valid", "bad_signature", "unknown_kid"],
+)
+def test_a_refused_jwt_logs_its_reason_and_the_client_sees_only_invalid_credential(
+    proxy: Supervisor, token: Any, reason: str
+) -> None:
+    jwt_text = token()
+    mark = proxy.mark()
+    status, _, body = proxy.request(
+        "GET", "/openai/v1/models", headers={"Authorization": f"Bearer {jwt_text}"}
+    )
+    assert status == 401
+    assert json.loads(body)["error"]["message"] == "invalid credential"
+    line = proxy.wait_for_log(r"request .*status=401", start=mark)
+    assert f" auth_error={reason} " in line
+    assert jwt_text not in line

@@ -112,7 +112,7 @@ def test_connections_over_the_limit_get_503_across_two_workers(
     assert headers[b"content-type"] == b"application/json"
     assert json.loads(body)["error"]["type"] == "over_capacity"
     assert extra.server_closed()
-    sup.wait_for_log(r"^WARN .*request rejected .*status=503 reason=\"connection limit")
+    sup.wait_for_log(r"^WARNING .*request rejected .*status=503 reason=\"connection limit")
 
     # Every held connection is still served: a refusal never costs an admitted client.
     for client, _ in held:

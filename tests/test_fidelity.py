@@ -38,6 +38,8 @@ def fidelity_config(url: str) -> dict[str, Any]:
             "azure": {"request_path": "/azure", "target_url": url, "api_key": OPENAI_KEY,
                       "auth_header": "api-key"},
             "local": {"request_path": "/local", "target_url": url},  # no api_key
+            "goog": {"request_path": "/goog", "target_url": url, "api_key": OPENAI_KEY,
+                     "auth_header": "x-goog-api-key"},
         }
     )  # fmt: skip
     return config
@@ -106,7 +108,7 @@ def names(req: RecordedRequest) -> list[bytes]:
         "/echo?q=a+b%2Bc&r=%26&s=%3d",
         "/echo?a=/b?c",
         "//echo//double",
-        "/echo/./a/../b",
+        "/echo/a.b/.../.x/x./v1.2",  # dots inside segments are not dot segments
     ],
 )
 def test_request_target_bytes_reach_the_upstream_unchanged(
@@ -130,6 +132,33 @@ def test_target_path_is_base_path_plus_rest_after_prefix(
 ) -> None:
     send(sup, "GET", request_target)
     assert forwarded(up).target == upstream_target.encode()
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "/../x",
+        "/..",
+        "/./x",
+        "/%2e%2e/x",
+        "/%2E%2e/x",
+        "/.%2e/x",
+        "/%2e/x",
+        "/..%2fx",
+        "/..%5cx",
+        "/..\\x",
+        "/v1/../../x",
+        "/../x?q=1",
+    ],
+)
+def test_dot_segments_after_the_prefix_are_refused_and_never_forwarded(
+    sup: Supervisor, up: FakeUpstreamThread, rest: str
+) -> None:
+    """A base path cannot be climbed out of (`/based` forwards to `/base`)."""
+    resp = send(sup, "GET", "/based" + rest)
+    assert resp.status == 400
+    assert json.loads(resp.body)["error"]["type"] == "bad_request"
+    assert up.requests == []
 
 
 @pytest.mark.parametrize(
@@ -243,6 +272,17 @@ def test_custom_auth_header_carries_the_raw_key(sup: Supervisor, up: FakeUpstrea
     req = forwarded(up)
     assert req.header_values("api-key") == [OPENAI_KEY.encode()]
     assert req.header_values("authorization") == []
+
+
+def test_a_clients_copy_of_the_upstreams_auth_header_is_not_forwarded(
+    sup: Supervisor, up: FakeUpstreamThread
+) -> None:
+    """Only the provider's key reaches the provider, not a client's value ahead of it."""
+    send(sup, "GET", "/goog/echo", ("X-Goog-Api-Key", "client-goog"), ("x-other", "kept"))
+    req = forwarded(up)
+    assert req.header_values("x-goog-api-key") == [OPENAI_KEY.encode()]
+    assert req.header_values("x-other") == [b"kept"]
+    assert b"client-goog" not in req.raw_head
 
 
 def test_upstream_without_api_key_gets_no_credential_header(

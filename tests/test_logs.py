@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -36,7 +37,7 @@ from tests.supervisor_process import Supervisor
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
-TEXT_LINE = re.compile(rf"^(TRACE|DEBUG|INFO |WARN |ERROR) {TIMESTAMP} \S")
+TEXT_LINE = re.compile(rf"^(TRACE|DEBUG|INFO |WARNING|ERROR) {TIMESTAMP} \S")
 ANSI = "\x1b["
 
 
@@ -147,7 +148,7 @@ def test_info_level_suppresses_request_lines(make_supervisor: Any, upstream: Any
     mark = sup.mark()
     assert sup.request("GET", "/openai/v1/models", headers=AUTH)[0] == 200
     send_malformed(sup)
-    sup.wait_for_log(r"^WARN .*request rejected", start=mark)
+    sup.wait_for_log(r"^WARNING .*request rejected", start=mark)
     assert not [line for line in sup.lines if line.startswith(("TRACE", "DEBUG"))]
 
 
@@ -191,8 +192,25 @@ def test_text_formatter_shape() -> None:
 def test_text_formatter_names_levels_as_the_spec_does() -> None:
     formatter = TextFormatter(colour=False)
     assert formatter.format(record(TRACE)).startswith("TRACE ")
-    assert formatter.format(record(logging.WARNING)).startswith("WARN  ")
+    assert formatter.format(record(logging.WARNING)).startswith("WARNING ")
     assert formatter.format(record(logging.ERROR)).startswith("ERROR ")
+
+
+@pytest.mark.parametrize("json_format", [False, True], ids=["text", "json"])
+def test_an_event_with_newlines_and_a_traceback_is_one_line(json_format: bool) -> None:
+    """journald and Loki make each line its own record: one event must be one line."""
+    stream = io.StringIO()
+    env = {"FLUXGATE_LOG_FORMAT": "json" if json_format else "text", "FLUXGATE_LOG_STYLE": "never"}
+    handler = make_handler(env, stream)
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError:
+        rec = record(logging.ERROR, "problems:\n  a\n  b", cause="x\ny")
+        rec.exc_info = sys.exc_info()
+    handler.emit(rec)
+    out = stream.getvalue()
+    assert out.count("\n") == 1 and out.endswith("\n"), out
+    assert "problems:" in out and "second" in out and "ValueError" in out
 
 
 def test_text_formatter_quotes_values_that_would_break_key_value_parsing() -> None:
@@ -315,6 +333,7 @@ def _usage_tap(usage: dict[str, int] | None) -> JsonTap | None:
         st.none() | _latin1,
         st.integers(0, 999),
         _latin1,
+        st.none() | st.sampled_from(["expired", "bad_signature", "unknown_key"]),
         _ms,
         st.none() | _ms,
         _count,
@@ -349,7 +368,7 @@ def test_text_value_memory_is_bounded() -> None:
 
 def test_text_formatter_colour_wraps_only_the_level() -> None:
     line = TextFormatter(colour=True).format(record(logging.WARNING))
-    assert line.startswith("\x1b[33mWARN \x1b[0m 2023-11-14T22:13:20.250Z hello")
+    assert line.startswith("\x1b[33mWARNING\x1b[0m 2023-11-14T22:13:20.250Z hello")
 
 
 def test_text_formatter_has_no_module_path() -> None:
@@ -374,7 +393,7 @@ def test_json_handler_drops_logrecord_attributes() -> None:
     assert out == {
         "message": "careful",
         "n": 1,
-        "level": "WARN",
+        "level": "WARNING",
         "timestamp": "2023-11-14T22:13:20.250Z",
     }
 

@@ -132,7 +132,7 @@ def test_invalid_request_is_refused(
     assert response.headers[b"connection"] == b"close"
     assert response.closed, "the connection must be closed after a refusal"
     if status in (400, 431):
-        sup.wait_for_log(rf"^WARN .*request rejected .*status={status}\b", start=mark)
+        sup.wait_for_log(rf"^WARNING .*request rejected .*status={status}\b", start=mark)
     sup.wait_for_log(rf"^TRACE .* request .*status={status}\b", start=mark)
     probe_reaches_upstream(sup, upstream, seen)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -211,6 +212,17 @@ def test_missing_file_at_start_serves_defaults_that_reject_everything(
     sup.signal(signal.SIGWINCH)  # no-op signal; just let a poll pass
     time.sleep(1.2)
     assert not [x for x in sup.lines[mark:] if x.startswith("WARN")]
+    # Health tells a load balancer that this host serves nothing yet, until a valid file.
+    status, _, body = sup.request("GET", "/_fluxgate/health")
+    assert (status, json.loads(body)["status"], json.loads(body)["reason"]) == (
+        503, "unavailable", "no_config"
+    )  # fmt: skip
+    config = proxy_config(upstream.url)
+    config["server"] = {"bind_address": "0.0.0.0:8080"}
+    sup.write_config(config)
+    sup.wait_for_generation(2)
+    status, _, body = sup.request("GET", "/_fluxgate/health")
+    assert (status, json.loads(body)["status"]) == (200, "ok")
 
 
 def test_bind_failure_at_start_exits_non_zero_naming_address_and_reason(
