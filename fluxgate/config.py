@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
+from .forwarded import TrustedProxies, parse_networks
 from .headers import drop_headers
 
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
@@ -45,6 +46,8 @@ class ServerSettings:
     # when that is set.
     metrics: bool = True
     metrics_address: str | None = None
+    # Proxies whose X-Forwarded-For names the client for the log (fluxgate.forwarded).
+    trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,7 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         workers=server_doc.get("workers"),
         metrics=server_doc.get("metrics", DEFAULT_METRICS),
         metrics_address=server_doc.get("metrics_address"),
+        trusted_proxies=TrustedProxies(parse_networks(server_doc.get("trusted_proxies") or ())),
     )
     upstreams_doc = doc.get("upstreams") or {}
     upstreams = tuple(

@@ -32,6 +32,12 @@ MAX_HEADERS: Final = 200
 # (an early 401, 404, 504...): it is read and dropped, then the connection closes.
 DISCARD_TIMEOUT: Final = 5.0
 
+# nginx's proxy_pass speaks HTTP/1.0 unless told otherwise: say what to change.
+HTTP_11_ONLY: Final = (
+    "only HTTP/1.1 is served; behind nginx, set proxy_http_version 1.1 "
+    '(and proxy_set_header Connection "")'
+)
+
 log = logging.getLogger("fluxgate.protocol")
 
 
@@ -239,7 +245,7 @@ class FluxgateProtocol(HttpToolsProtocol):
                 warn="connection limit reached",
             )
         if parser.get_http_version() != "1.1":
-            raise self._reject(505, "http_version_not_supported", "only HTTP/1.1 is served")
+            raise self._reject(505, "http_version_not_supported", HTTP_11_ONLY)
         hosts, upgrade, foreign_coding = 0, False, False
         for name, value in self.headers:  # one pass: this runs for every request
             if name == b"host":

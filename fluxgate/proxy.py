@@ -182,7 +182,7 @@ class ProxyApp:
             if config.server.metrics:
                 self.metrics.add(ex, duration)
             if request_log.isEnabledFor(TRACE):
-                self.request_log.add(_request_values(scope, target, ex, duration))
+                self.request_log.add(_request_values(config, scope, target, ex, duration))
 
     async def _own_endpoint(
         self, config: Config, path: bytes, method: str, send: Any, ex: Exchange
@@ -372,15 +372,20 @@ def _is_reserved(path: bytes) -> bool:
     return len(path) == n or path[n] == 0x2F  # "/"
 
 
-def _request_values(scope: Scope, target: bytes, ex: Exchange, duration: float) -> tuple[Any, ...]:
+def _request_values(
+    config: Config, scope: Scope, target: bytes, ex: Exchange, duration: float
+) -> tuple[Any, ...]:
     """What the log line needs, taken at the request's end (see logs.RequestLog).
 
     Plain values only, so the request's scope and Exchange are freed now rather
     than held until the batch is written; formatting waits for the batch.
     """
     client = scope.get("client")
+    client_ip = client[0] if client else None
+    if config.server.trusted_proxies:  # behind nginx: the client its X-Forwarded-For names
+        client_ip = config.server.trusted_proxies.client_ip(client_ip, scope["headers"])
     return (
-        client[0] if client else None,
+        client_ip,
         scope["method"],
         target,
         _content_length(scope["headers"], b"content-length"),

@@ -57,9 +57,17 @@ from fluxgate.addresses import (
     valid_url_host,
 )
 from fluxgate.config import DEFAULT_BIND_ADDRESS, UPSTREAM_SETTINGS, split_bind_address
+from fluxgate.forwarded import parse_networks
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
-SERVER_KEYS = ("bind_address", "max_connections", "workers", "metrics", "metrics_address")
+SERVER_KEYS = (
+    "bind_address",
+    "max_connections",
+    "workers",
+    "metrics",
+    "metrics_address",
+    "trusted_proxies",
+)
 UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header", "usage")
 USAGE_VALUES = ("openai", "anthropic", "off")
 API_KEYS_KEYS = ("static", "jwt")
@@ -262,6 +270,24 @@ class _Validator:
             if name in server:
                 self.positive_int(f"server.{name}", server[name])
         self.metrics(server)
+        if "trusted_proxies" in server:
+            self.trusted_proxies(server["trusted_proxies"])
+
+    def trusted_proxies(self, value: object) -> None:
+        path = "server.trusted_proxies"
+        if not isinstance(value, list):
+            self.add(path, f'must be a list of addresses or networks, e.g. ["127.0.0.1"], '
+                     f"got {_shown(value)}")  # fmt: skip
+            return
+        for i, item in enumerate(value):
+            text = self.string(f"{path}[{i}]", item)
+            if text is None:
+                continue
+            try:
+                parse_networks([text])
+            except ValueError:
+                self.add(f"{path}[{i}]", "must be an IP address or a network such as "
+                         f'"10.0.0.0/8" (no host bits set), got {quote(text)}')  # fmt: skip
 
     def metrics(self, server: dict[Any, Any]) -> None:
         enabled = server.get("metrics", True)
