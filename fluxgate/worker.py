@@ -39,7 +39,6 @@ from .snapshot import read_snapshot, snapshot_mtime
 log = logging.getLogger("fluxgate.worker")
 
 HEARTBEAT_INTERVAL = 1.0
-KEEPALIVE_TIMEOUT = 15  # seconds an idle client connection is kept open
 
 
 class WorkerContext(Protocol):
@@ -115,7 +114,7 @@ class FluxgateWorker(Worker):
             access_log=False,
             proxy_headers=False,
             log_config=None,
-            timeout_keep_alive=KEEPALIVE_TIMEOUT,
+            timeout_keep_alive=self.cfg.keepalive,
             timeout_graceful_shutdown=math.ceil(config.request_timeout_ms / 1000),
         )
         self.server = server = _Server(uv_config)

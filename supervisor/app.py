@@ -30,6 +30,9 @@ log = logging.getLogger("fluxgate.supervisor")
 
 GUNICORN_CONF = "gunicorn.conf.py"
 YAML_OWNED = frozenset({"bind", "workers"})
+# Seconds an idle client connection is kept open; workers take gunicorn's
+# `keepalive` setting, so gunicorn.conf.py can change it.
+KEEPALIVE_TIMEOUT = 15
 SHUTDOWN_MARGIN = 5  # seconds the master waits beyond a worker's own drain bound
 
 
@@ -78,7 +81,7 @@ class FluxgateApplication(BaseApplication):
             "worker_class": "fluxgate.worker.FluxgateWorker",
             "graceful_timeout": self.graceful_timeout(config),
             "timeout": 30,
-            "keepalive": 15,
+            "keepalive": KEEPALIVE_TIMEOUT,
             "control_socket_disable": True,
             "proc_name": "fluxgate",
             "logger_class": GunicornLogger,

@@ -25,12 +25,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from demo.fake_upstream import FakeUpstreamThread, RecordedRequest
 from fluxgate.protocol import DISCARD_TIMEOUT, HEAD_TIMEOUT
-from fluxgate.worker import KEEPALIVE_TIMEOUT
+from fluxgate_supervisor.app import KEEPALIVE_TIMEOUT
 from tests import rawhttp
 from tests.conftest import CLIENT_KEY, SECRETS, proxy_config
 from tests.supervisor_process import Supervisor, wait_until
@@ -344,3 +345,20 @@ def test_a_body_sent_after_an_early_answer_leaves_the_connection_usable(
                                                          rawhttp.bearer(CLIENT_KEY)])  # fmt: skip
         assert resp.status == 200
     assert [r.path for r in up.requests] == ["/v1/models"]
+
+
+def test_keepalive_from_gunicorn_conf_py_sets_how_long_an_idle_connection_stays_open(
+    upstream: FakeUpstreamThread, tmp_path: Path
+) -> None:
+    """`keepalive` in the working directory's gunicorn.conf.py is what workers use."""
+    (tmp_path / "gunicorn.conf.py").write_text("keepalive = 1\n")
+    sup = Supervisor(tmp_path, proxy_config(upstream.url)).start()
+    try:
+        with rawhttp.Conn(sup.port) as conn:
+            conn.send(rawhttp.build_request("GET", "/_fluxgate/health", [rawhttp.host(sup.port)]))
+            assert conn.read_response().status == 200
+            started = time.monotonic()
+            assert conn.at_eof(timeout=1 + SLACK)
+            assert time.monotonic() - started > 0.5
+    finally:
+        sup.stop()
