@@ -177,6 +177,10 @@ def build_image(log: Callable[[str], None]) -> None:
             [sys.executable, "-m", "pip", "wheel", "--quiet", ".",
              "-c", "constraints.txt", "-w", str(wheels)],
             cwd=ROOT,
+            # A fixed time stamp inside the project's wheel: the same sources
+            # give the same bytes, so podman's layer cache holds and an
+            # unchanged tree rebuilds nothing (nor leaves new layers behind).
+            env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},
             capture_output=True,
             text=True,
             timeout=600,
