@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,6 @@ class Container:
             time.sleep(0.2)
 
     def health(self) -> dict[str, Any]:
-        import urllib.request
-
         with urllib.request.urlopen(self.url + "/_fluxgate/health", timeout=5) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
@@ -149,8 +147,12 @@ def image() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def container(image: dict[str, object], upstream: FakeUpstreamThread) -> Iterator[Container]:
-    config_dir = Path(tempfile.mkdtemp(prefix="fluxgate-image-"))
+def container(
+    image: dict[str, object],
+    upstream: FakeUpstreamThread,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Container]:
+    config_dir = tmp_path_factory.mktemp("image-config")
     # Mounted into the container, where uid 10001 must list and read it.
     config_dir.chmod(0o755)
     port = free_port()
@@ -198,9 +200,6 @@ def container(image: dict[str, object], upstream: FakeUpstreamThread) -> Iterato
         stderr = box.logs()[1]
         print(f"\n--- container stderr ---\n{stderr[-6000:]}")
         pm.podman("rm", "--force", "--time", "0", "--ignore", box.name, timeout=60, check=False)
-        for entry in config_dir.iterdir():
-            entry.unlink()
-        config_dir.rmdir()
 
 
 def test_image_metadata(image: dict[str, object]) -> None:
