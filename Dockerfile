@@ -6,6 +6,7 @@
 #
 # Mount the directory, not the file: see "Container" in README.md.
 
+# The same image from a registry mirror: --build-arg BASE=mirror.example/debian:bookworm-slim
 ARG BASE=docker.io/library/debian:bookworm-slim
 
 # Debian's python3 is 3.11 on bookworm, the version the project supports and is
