@@ -22,6 +22,10 @@ JWT_SECRET = "jwt-signing-secret-of-at-least-32-bytes!"
 SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET]
 MINTED_TOKENS: list[str] = []  # every JWT a test made, scanned like the secrets
 
+# The container image test builds an image (minutes, needs podman): only
+# `make image-test` runs it, by naming the directory.
+collect_ignore = ["image"]
+
 
 def proxy_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
     """The suite's standard config: two providers on the fake upstream, three credentials."""
