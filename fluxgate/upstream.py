@@ -179,6 +179,14 @@ class UpstreamClient:
             resp = await req.send(conn)
             try:
                 await resp.start(conn)
+                if resp.status < 200:
+                    # aiohttp reads past 100 and the other interim responses but
+                    # returns a 101, which nothing here asked for (Upgrade is never
+                    # forwarded): relayed, it would make the client connection a
+                    # tunnel to the upstream. A bad response, and the connection goes.
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message="unsolicited 1xx"
+                    )
             except BaseException:
                 resp.close()
                 raise
