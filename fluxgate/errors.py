@@ -28,8 +28,10 @@ def error_headers(body: bytes, close: bool = False) -> list[tuple[bytes, bytes]]
     return headers
 
 
-def raw_error_response(status: int, error_type: str, message: str) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection.
+def raw_error_response(
+    status: int, error_type: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, with `extra` headers.
 
     Used by the protocol layer, which answers before any ASGI cycle exists.
     """
@@ -37,6 +39,7 @@ def raw_error_response(status: int, error_type: str, message: str) -> bytes:
     reason = http.HTTPStatus(status).phrase
     head = [f"HTTP/1.1 {status} {reason}".encode()]
     head += [name + b": " + value for name, value in error_headers(body, close=True)]
+    head += [name + b": " + value for name, value in extra]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 

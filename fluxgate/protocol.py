@@ -31,6 +31,14 @@ MAX_HEADERS: Final = 200
 # Seconds the rest of a request body may take once the response has been sent
 # (an early 401, 404, 504...): it is read and dropped, then the connection closes.
 DISCARD_TIMEOUT: Final = 5.0
+# The methods an HTTP API is called with. Anything else is refused (405) before
+# authentication: TRACE would be forwarded with the provider key, and an
+# upstream that reflects it would hand the key to the client; WebDAV and
+# other methods have no use in front of an LLM API. CONNECT stays 501 (§4.2).
+FORWARDED_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
+)
+_ALLOW: Final = ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
 
 log = logging.getLogger("fluxgate.protocol")
 
@@ -239,7 +247,12 @@ class FluxgateProtocol(HttpToolsProtocol):
                 warn="connection limit reached",
             )
         if parser.get_http_version() != "1.1":
-            raise self._reject(505, "http_version_not_supported", "only HTTP/1.1 is served")
+            raise self._reject(
+                505,
+                "http_version_not_supported",
+                "only HTTP/1.1 is served",
+                warn="HTTP version other than 1.1",
+            )
         hosts, upgrade, foreign_coding = 0, False, False
         for name, value in self.headers:  # one pass: this runs for every request
             if name == b"host":
@@ -248,16 +261,31 @@ class FluxgateProtocol(HttpToolsProtocol):
                 upgrade = True
             elif name == b"transfer-encoding":
                 foreign_coding = foreign_coding or _codings(value) != [b"chunked"]
-        if parser.get_method() == b"CONNECT" or upgrade:
+        method = parser.get_method()
+        if method == b"CONNECT" or upgrade:
             raise self._reject(
-                501, "not_implemented", "CONNECT and protocol upgrades are not supported"
+                501,
+                "not_implemented",
+                "CONNECT and protocol upgrades are not supported",
+                warn="CONNECT or protocol upgrade",
+            )
+        if method not in FORWARDED_METHODS:
+            raise self._reject(
+                405,
+                "method_not_allowed",
+                "this method is not forwarded",
+                warn="method not forwarded",
+                extra=_ALLOW,
             )
         if foreign_coding:
             # httptools accepts any list that ends in chunked ("gzip, chunked");
             # the other codings would be lost when aiohttp re-frames the body,
             # so the upstream would take gzip bytes for the body (RFC 9112 §6.1).
             raise self._reject(
-                501, "not_implemented", "only the chunked transfer coding is supported"
+                501,
+                "not_implemented",
+                "only the chunked transfer coding is supported",
+                warn="transfer coding other than chunked",
             )
         if not self.url.startswith(b"/"):
             raise self._reject(
@@ -291,7 +319,12 @@ class FluxgateProtocol(HttpToolsProtocol):
         )
 
     def _reject(
-        self, status: int, error_type: str, message: str, warn: str | None = None
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        warn: str | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> _Rejected:
         """Answer with a JSON error and close the connection.
 
@@ -334,6 +367,6 @@ class FluxgateProtocol(HttpToolsProtocol):
             # its response. Let it finish, then close (as uvicorn's shutdown does).
             cycle.keep_alive = False
         elif not self.transport.is_closing():
-            self.transport.write(raw_error_response(status, error_type, message))
+            self.transport.write(raw_error_response(status, error_type, message, extra))
             self.transport.close()
         return _Rejected()

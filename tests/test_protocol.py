@@ -458,3 +458,52 @@ def test_incomplete_second_head_on_a_keep_alive_connection_is_408(
     conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\n")
     conn.wait_closed()
     assert conn.transport.buffer[answered:].startswith(b"HTTP/1.1 408 ")
+
+
+# Methods no LLM API uses
+
+
+@pytest.mark.parametrize("method", [b"TRACE", b"PROPFIND", b"MOVE", b"PURGE", b"LINK"])
+def test_method_outside_the_forwarded_set_is_405_with_allow(
+    conn: Connection, method: bytes
+) -> None:
+    # TRACE would travel with the provider key; an upstream that reflects it
+    # would hand the key to the client.
+    conn.feed(method + b" /openai/v1/models HTTP/1.1\r\nHost: h\r\n\r\n").assert_rejected(405)
+    head = conn.transport.buffer.partition(b"\r\n\r\n")[0]
+    assert b"\r\nallow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in head
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE",
+                                    b"OPTIONS"])  # fmt: skip
+def test_methods_an_api_may_use_reach_the_app(conn: Connection, method: bytes) -> None:
+    conn.feed(method + b" /openai/v1/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert len(conn.app_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", 505, id="http-1.0"),
+        pytest.param(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 501, id="connect"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\n\r\n", 501, id="upgrade"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            id="foreign-coding",
+        ),
+        pytest.param(b"TRACE / HTTP/1.1\r\nHost: h\r\n\r\n", 405, id="trace"),
+    ],
+)
+def test_every_refusal_is_logged_at_warning_without_header_values(
+    conn: Connection, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fluxgate"):
+        conn.feed(request_bytes)
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == "request rejected"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["status"] == status
+    assert fields["client_ip"] == "127.0.0.1" and fields["reason"]
+    assert not {"h2c", "gzip", "h:443"} & set(str(fields).split("'"))
