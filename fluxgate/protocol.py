@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import httptools
@@ -306,7 +306,10 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
         self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
-        self.cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
+        cycle = self.cycle
+        cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
+        if self.expect_100_continue:
+            cycle.send = _closing_if_answered_before_continue(cycle)  # type: ignore[method-assign,assignment]
 
     # Rejections
 
@@ -366,7 +369,35 @@ class FluxgateProtocol(HttpToolsProtocol):
             # is still being answered: an error written now would be read as
             # its response. Let it finish, then close (as uvicorn's shutdown does).
             cycle.keep_alive = False
+        elif cycle is not None and cycle.response_started and cycle.more_body:
+            # The fault is in this request's body, and its response has begun
+            # (streaming) or is complete (the rest of the body is being dropped):
+            # an error response now would land inside the body or be read as
+            # the answer to the client's next request. Cut the connection.
+            self.transport.close()
         elif not self.transport.is_closing():
             self.transport.write(raw_error_response(status, error_type, message, extra))
             self.transport.close()
         return _Rejected()
+
+
+def _closing_if_answered_before_continue(
+    cycle: Any,
+) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The cycle's `send`, closing the connection if the response begins before
+    `100 Continue` was sent and the body has not been read to its end.
+
+    The client may then never send the body (RFC 9110 §10.1.1 lets it wait for
+    the 100), so the rest of the connection cannot be told apart from it:
+    dropping "the rest of the body" (DISCARD_TIMEOUT) would swallow the
+    client's next request instead. `Connection: close` tells the client so.
+    Installed only for requests that carry the expectation.
+    """
+    send = cycle.send
+
+    async def closing_send(message: Any) -> None:
+        if not cycle.response_started and cycle.waiting_for_100_continue and cycle.more_body:
+            cycle.keep_alive = False
+        await send(message)
+
+    return closing_send

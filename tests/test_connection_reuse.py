@@ -1,4 +1,4 @@
-"""Pooled upstream connections are reused only when nothing is left on them (SPEC §9).
+"""Connections are reused only when nothing is left on them (SPEC §9).
 
 A keep-alive connection to the upstream is shared by every client of the
 worker. If the upstream sent anything while the connection sat in the pool
@@ -7,6 +7,9 @@ the upstream did not read as a body), aiohttp would queue it as the next
 response and hand it to the next client on that connection, shifting every
 later exchange by one. Each test runs one worker, so the next request is
 sure to meet the pooled connection.
+
+On the client side, the same holds for a client connection answered before
+its request body was read.
 """
 
 from __future__ import annotations
@@ -86,3 +89,24 @@ def test_connection_with_part_of_a_stray_response_is_not_reused(
     assert_own_echo(rawhttp.request(proxy.port, "GET", "/openai/echo/b", headers(proxy)), "/echo/b")
     first, second = upstream.requests
     assert second.connection_id != first.connection_id
+
+
+def test_early_401_to_expect_100_continue_closes_the_client_connection(
+    proxy: Supervisor, upstream: FakeUpstreamThread
+) -> None:
+    # The client waits for 100 Continue before sending its body and gets the 401
+    # instead, so it never sends the body: the next request it would send on
+    # this connection must not be read as that body (it would be swallowed).
+    with rawhttp.Conn(proxy.port) as conn:
+        conn.send(
+            rawhttp.build_request(
+                "POST",
+                "/openai/echo",
+                [rawhttp.host(proxy.port), ("Expect", "100-continue"), ("Content-Length", "64")],
+            )
+        )
+        resp = conn.read_response()
+        assert resp.status == 401
+        assert resp.header("connection") == b"close"
+        assert conn.at_eof()
+    assert upstream.requests == []
