@@ -30,6 +30,11 @@ _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods whose request content has no meaning a server must honour (RFC 9110
+# §9.3): an upstream may answer one without reading its body and then read
+# the body as the next request, whose answer, however late, would go to
+# whichever client uses the connection next. Such an exchange is never pooled.
+_BODY_MAY_BE_IGNORED: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)
 _READ_BUFSIZE: Final = 2**16
 _MAX_LINE_SIZE: Final = 8190
@@ -166,6 +171,8 @@ class UpstreamClient:
             protocol = conn.protocol
             assert isinstance(protocol, _RelayResponseHandler)
         protocol.idle = False
+        if body is not None and method in _BODY_MAY_BE_IGNORED:
+            protocol.force_close()
         protocol.set_response_params(
             skip_payload=method == "HEAD",
             read_until_eof=True,
