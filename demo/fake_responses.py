@@ -303,6 +303,9 @@ class Reply:
         # Close the connection, unanswered, when the next request on it arrives:
         # a keep-alive connection that went stale in the client's pool.
         self.hang_up_next = False
+        # Parse this request's body as the next request on the connection, as a
+        # server that ignores a GET's body would (the body is then a request).
+        self.body_is_next_request = False
 
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -518,6 +521,42 @@ async def _hang_up_next(req: RecordedRequest, out: Reply) -> bool:
     return await out.send_json({"next_request": "hung up"})
 
 
+#: What /stray writes, unasked, on the connection some time after its answer.
+STRAY_BODY = b'{"stray": "a response nobody asked for"}'
+STRAY_DELAY_S = 0.1
+
+
+async def _stray(req: RecordedRequest, out: Reply) -> bool:
+    """Answer, then, while the connection sits idle, send a second complete response
+    (with ``?partial``: only the first bytes of one)."""
+    await out.send_json({"answer": "the one asked for"})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(out.gone.wait(), STRAY_DELAY_S)
+    if out.gone.is_set():
+        return False
+    stray = head(200, std_headers(STRAY_BODY)) + STRAY_BODY
+    await out.write(stray[:20] if "partial" in req.query else stray)
+    return True
+
+
+async def _ignores_body(req: RecordedRequest, out: Reply) -> bool:
+    """Answer as if the request had no body; its body is then read as the next request."""
+    out.body_is_next_request = True
+    await out.send_json({"answer": "body ignored"})
+    # The next request (the body) takes a moment to answer, as a real one
+    # would: its response arrives once the proxy has pooled the connection.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(out.gone.wait(), STRAY_DELAY_S)
+    return not out.gone.is_set()
+
+
+async def _switching_protocols(req: RecordedRequest, out: Reply) -> bool:
+    """An unsolicited 101: the request asked for no upgrade."""
+    hdrs = [("Connection", "Upgrade"), ("Upgrade", "websocket")]
+    await out.write(head(101, hdrs) + b"raw bytes of another protocol")
+    return False
+
+
 async def _not_found(req: RecordedRequest, out: Reply) -> bool:
     return await out.send(404, error_body("not_found", f"no route for {req.path}"))
 
@@ -537,6 +576,9 @@ EXACT_ROUTES: dict[str, Handler] = {
     "/garbage": _garbage,
     "/close-early": _close_early,
     "/hang-up-next": _hang_up_next,
+    "/stray": _stray,
+    "/ignores-body": _ignores_body,
+    "/switching-protocols": _switching_protocols,
 }
 
 

@@ -173,6 +173,7 @@ class FakeUpstream:
         self.port = 0
         self.connections_opened = 0
         self.open_connections = 0
+        self.replies_written = 0  # route handlers that have returned (their bytes are sent)
         self._requests: list[RecordedRequest] = []
         self._closed_at: dict[int, tuple[float, str]] = {}  # conn id -> (monotonic, by)
         self._cond = threading.Condition()
@@ -224,6 +225,13 @@ class FakeUpstream:
                 got = len(self._requests)
                 raise TimeoutError(f"expected {n} requests, got {got}")
             return list(self._requests)
+
+    def wait_for_replies(self, n: int, timeout: float = 5.0) -> None:
+        """Block until at least ``n`` route handlers have written all they write (a
+        /stray handler returns only after its stray response); TimeoutError otherwise."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.replies_written >= n, timeout):
+                raise TimeoutError(f"expected {n} replies, got {self.replies_written}")
 
     def wait_for_disconnect(self, after_path: str, timeout: float = 5.0) -> float:
         """Block until the connection that carried the latest request for ``after_path``
@@ -387,6 +395,11 @@ class FakeUpstream:
         try:
             keep = await fr.route(req.path)(req, out)
             conn.hang_up_next = out.hang_up_next
+            if out.body_is_next_request:
+                conn.buf[:0] = req.raw_body
+            with self._cond:
+                self.replies_written += 1
+                self._cond.notify_all()
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -497,6 +510,9 @@ class FakeUpstreamThread:
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
         return self.upstream.wait_for_requests(n, timeout)
+
+    def wait_for_replies(self, n: int, timeout: float = 5.0) -> None:
+        self.upstream.wait_for_replies(n, timeout)
 
     def wait_for_disconnect(self, after_path: str, timeout: float = 5.0) -> float:
         return self.upstream.wait_for_disconnect(after_path, timeout)

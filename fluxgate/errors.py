@@ -75,9 +75,12 @@ class ErrorResponse:
         return STATUS_LINES[self.status] + head + b"connection: close\r\n\r\n" + self.body
 
 
-def raw_error_response(status: int, error_type: str, message: str) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection (see `ErrorResponse.raw`)."""
-    return ErrorResponse.make(status, error_type, message).raw()
+def raw_error_response(
+    status: int, error_type: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, with `extra` headers
+    (see `ErrorResponse.raw`)."""
+    return ErrorResponse.make(status, error_type, message, extra_headers=extra).raw()
 
 
 class ProxyError(Exception):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import httptools
@@ -31,6 +31,14 @@ MAX_HEADERS: Final = 200
 # Seconds the rest of a request body may take once the response has been sent
 # (an early 401, 404, 504...): it is read and dropped, then the connection closes.
 DISCARD_TIMEOUT: Final = 5.0
+# The methods an HTTP API is called with. Anything else is refused (405) before
+# authentication: TRACE would be forwarded with the provider key, and an
+# upstream that reflects it would hand the key to the client; WebDAV and
+# other methods have no use in front of an LLM API. CONNECT stays 501 (§4.2).
+FORWARDED_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
+)
+_ALLOW: Final = ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
 
 # nginx's proxy_pass speaks HTTP/1.0 unless told otherwise: say what to change.
 HTTP_11_ONLY: Final = (
@@ -245,7 +253,9 @@ class FluxgateProtocol(HttpToolsProtocol):
                 warn="connection limit reached",
             )
         if parser.get_http_version() != "1.1":
-            raise self._reject(505, "http_version_not_supported", HTTP_11_ONLY)
+            raise self._reject(
+                505, "http_version_not_supported", HTTP_11_ONLY, warn="HTTP version other than 1.1"
+            )
         hosts, upgrade, foreign_coding = 0, False, False
         for name, value in self.headers:  # one pass: this runs for every request
             if name == b"host":
@@ -254,16 +264,31 @@ class FluxgateProtocol(HttpToolsProtocol):
                 upgrade = True
             elif name == b"transfer-encoding":
                 foreign_coding = foreign_coding or _codings(value) != [b"chunked"]
-        if parser.get_method() == b"CONNECT" or upgrade:
+        method = parser.get_method()
+        if method == b"CONNECT" or upgrade:
             raise self._reject(
-                501, "not_implemented", "CONNECT and protocol upgrades are not supported"
+                501,
+                "not_implemented",
+                "CONNECT and protocol upgrades are not supported",
+                warn="CONNECT or protocol upgrade",
+            )
+        if method not in FORWARDED_METHODS:
+            raise self._reject(
+                405,
+                "method_not_allowed",
+                "this method is not forwarded",
+                warn="method not forwarded",
+                extra=_ALLOW,
             )
         if foreign_coding:
             # httptools accepts any list that ends in chunked ("gzip, chunked");
             # the other codings would be lost when aiohttp re-frames the body,
             # so the upstream would take gzip bytes for the body (RFC 9112 §6.1).
             raise self._reject(
-                501, "not_implemented", "only the chunked transfer coding is supported"
+                501,
+                "not_implemented",
+                "only the chunked transfer coding is supported",
+                warn="transfer coding other than chunked",
             )
         if not self.url.startswith(b"/"):
             raise self._reject(
@@ -284,7 +309,10 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
         self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
-        self.cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
+        cycle = self.cycle
+        cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
+        if self.expect_100_continue:
+            cycle.send = _closing_if_answered_before_continue(cycle)  # type: ignore[method-assign,assignment]
 
     # Rejections
 
@@ -297,7 +325,12 @@ class FluxgateProtocol(HttpToolsProtocol):
         )
 
     def _reject(
-        self, status: int, error_type: str, message: str, warn: str | None = None
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        warn: str | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> _Rejected:
         """Answer with a JSON error and close the connection.
 
@@ -339,7 +372,35 @@ class FluxgateProtocol(HttpToolsProtocol):
             # is still being answered: an error written now would be read as
             # its response. Let it finish, then close (as uvicorn's shutdown does).
             cycle.keep_alive = False
+        elif cycle is not None and cycle.response_started and cycle.more_body:
+            # The fault is in this request's body, and its response has begun
+            # (streaming) or is complete (the rest of the body is being dropped):
+            # an error response now would land inside the body or be read as
+            # the answer to the client's next request. Cut the connection.
+            self.transport.close()
         elif not self.transport.is_closing():
-            self.transport.write(raw_error_response(status, error_type, message))
+            self.transport.write(raw_error_response(status, error_type, message, extra))
             self.transport.close()
         return _Rejected()
+
+
+def _closing_if_answered_before_continue(
+    cycle: Any,
+) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The cycle's `send`, closing the connection if the response begins before
+    `100 Continue` was sent and the body has not been read to its end.
+
+    The client may then never send the body (RFC 9110 §10.1.1 lets it wait for
+    the 100), so the rest of the connection cannot be told apart from it:
+    dropping "the rest of the body" (DISCARD_TIMEOUT) would swallow the
+    client's next request instead. `Connection: close` tells the client so.
+    Installed only for requests that carry the expectation.
+    """
+    send = cycle.send
+
+    async def closing_send(message: Any) -> None:
+        if not cycle.response_started and cycle.waiting_for_100_continue and cycle.more_body:
+            cycle.keep_alive = False
+        await send(message)
+
+    return closing_send

@@ -11,11 +11,13 @@ client exceptions to the statuses of SPEC §4.10 lives beside it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -35,6 +37,11 @@ _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods whose request content has no meaning a server must honour (RFC 9110
+# §9.3): an upstream may answer one without reading its body and then read
+# the body as the next request, whose answer, however late, would go to
+# whichever client uses the connection next. Such an exchange is never pooled.
+_BODY_MAY_BE_IGNORED: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)
 _READ_BUFSIZE: Final = 2**16
 _MAX_LINE_SIZE: Final = 8190
@@ -65,6 +72,33 @@ class VerbatimRequest(aiohttp.ClientRequest):
             self.headers.pop(hdrs.CONTENT_LENGTH, None)
 
 
+class _RelayResponseHandler(ResponseHandler):
+    """aiohttp's connection protocol, marked unusable by any byte that arrives between exchanges.
+
+    aiohttp checks a pooled connection only for being open. Bytes the upstream
+    sends while it sits in the pool (a stray response, or the answer to a
+    request a client smuggled in a body the upstream did not read as one) are
+    parsed and queued as the *next* response, which the next client would get
+    (SPEC §9). A whole queued message already shows in `should_close`; this
+    flag covers a partial one, which a fresh parser would otherwise take up
+    mid-message.
+    """
+
+    idle = False  # the last response has ended and no exchange is running
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
+            self.force_close()
+        super().data_received(data)
+
+    def went_idle(self) -> None:
+        self.idle = True
+
+
+def _relay_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:
+    return _RelayResponseHandler(loop=loop)
+
+
 class UpstreamClient:
     """The worker's connection pool to the upstreams, and one exchange at a time over it.
 
@@ -84,6 +118,8 @@ class UpstreamClient:
             ttl_dns_cache=30,
             keepalive_timeout=30,
         )
+        # aiohttp has no public way to choose the protocol class of its connections.
+        self.connector._factory = functools.partial(_relay_handler, asyncio.get_running_loop())
         # Never used to send; responses keep a reference to it, and closing
         # it closes the connector.
         self.session = aiohttp.ClientSession(
@@ -132,7 +168,18 @@ class UpstreamClient:
         )
         conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
         protocol = conn.protocol
-        assert protocol is not None
+        assert isinstance(protocol, _RelayResponseHandler)
+        while protocol.should_close:
+            # A pooled connection with something left on it: unread bytes, a
+            # previous response not read to its end, a close the upstream
+            # asked for. Never reused (as nginx does); the next pooled or a new one.
+            conn.close()
+            conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
+            protocol = conn.protocol
+            assert isinstance(protocol, _RelayResponseHandler)
+        protocol.idle = False
+        if body is not None and method in _BODY_MAY_BE_IGNORED:
+            protocol.force_close()
         protocol.set_response_params(
             skip_payload=method == "HEAD",
             read_until_eof=True,
@@ -146,9 +193,19 @@ class UpstreamClient:
             resp = await req.send(conn)
             try:
                 await resp.start(conn)
+                if resp.status < 200:
+                    # aiohttp reads past 100 and the other interim responses but
+                    # returns a 101, which nothing here asked for (Upgrade is never
+                    # forwarded): relayed, it would make the client connection a
+                    # tunnel to the upstream. A bad response, and the connection goes.
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message="unsolicited 1xx"
+                    )
             except BaseException:
                 resp.close()
                 raise
+            # From the end of this response on, any byte is one nobody asked for.
+            resp.content.on_eof(protocol.went_idle)
         except OSError as exc:
             conn.close()
             if isinstance(exc, aiohttp.ClientError | TimeoutError):

@@ -458,3 +458,120 @@ def test_incomplete_second_head_on_a_keep_alive_connection_is_408(
     conn.feed(b"GET / HTTP/1.1\r\nHost: h\r\n")
     conn.wait_closed()
     assert conn.transport.buffer[answered:].startswith(b"HTTP/1.1 408 ")
+
+
+# Methods no LLM API uses
+
+
+@pytest.mark.parametrize("method", [b"TRACE", b"PROPFIND", b"MOVE", b"PURGE", b"LINK"])
+def test_method_outside_the_forwarded_set_is_405_with_allow(
+    conn: Connection, method: bytes
+) -> None:
+    # TRACE would travel with the provider key; an upstream that reflects it
+    # would hand the key to the client.
+    conn.feed(method + b" /openai/v1/models HTTP/1.1\r\nHost: h\r\n\r\n").assert_rejected(405)
+    head = conn.transport.buffer.partition(b"\r\n\r\n")[0]
+    assert b"\r\nallow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in head
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE",
+                                    b"OPTIONS"])  # fmt: skip
+def test_methods_an_api_may_use_reach_the_app(conn: Connection, method: bytes) -> None:
+    conn.feed(method + b" /openai/v1/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert len(conn.app_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", 505, id="http-1.0"),
+        pytest.param(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 501, id="connect"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\n\r\n", 501, id="upgrade"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            id="foreign-coding",
+        ),
+        pytest.param(b"TRACE / HTTP/1.1\r\nHost: h\r\n\r\n", 405, id="trace"),
+    ],
+)
+def test_every_refusal_is_logged_at_warning_without_header_values(
+    conn: Connection, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fluxgate"):
+        conn.feed(request_bytes)
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == "request rejected"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["status"] == status
+    assert fields["client_ip"] == "127.0.0.1" and fields["reason"]
+    assert not {"h2c", "gzip", "h:443"} & set(str(fields).split("'"))
+
+
+# Answers that must not leave bytes behind, nor land in the middle of a response
+
+
+def test_early_answer_to_expect_100_continue_closes_the_connection(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # The client waits for 100 Continue before sending its body; the 401 came
+    # first, so the body may never come. Kept open, the connection would read
+    # the client's next request as that body.
+    async def unauthorized(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"no"})
+
+    conn = Connection(loop, gate=None, app=unauthorized)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 60\r\n\r\n")
+    head = conn.transport.buffer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"100 Continue" not in conn.transport.buffer
+    assert conn.transport.is_closing()
+
+
+def test_expect_100_continue_with_the_body_read_keeps_the_connection(conn: Connection) -> None:
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert conn.transport.buffer == b"HTTP/1.1 100 Continue\r\n\r\n"
+    conn.feed(b"body")
+    assert b"HTTP/1.1 204 " in conn.transport.buffer
+    assert not conn.transport.is_closing()
+    conn.feed(GET)
+    assert conn.transport.buffer.count(b"HTTP/1.1 204 ") == 2
+
+
+def test_bad_chunk_while_the_response_streams_cuts_the_connection(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # An error response written now would land inside the 200's body.
+    async def streams_back(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    conn = Connection(loop, gate=None, app=streams_back)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n")
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 200 ")
+    written = conn.transport.buffer
+    conn.feed(b"zz\r\n")
+    assert conn.transport.buffer == written
+    assert conn.transport.is_closing()
+
+
+def test_bad_chunk_after_an_early_complete_answer_writes_nothing_more(conn: Connection) -> None:
+    # The 204 is complete; the rest of the body is being dropped. A 400 now
+    # would be read as the answer to the client's next request.
+    async def answers_at_once(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn = Connection(conn.loop, gate=None, app=answers_at_once)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    written = conn.transport.buffer
+    assert written.startswith(b"HTTP/1.1 204 ")
+    conn.feed(b"zz\r\n")
+    assert conn.transport.buffer == written
+    assert conn.transport.is_closing()

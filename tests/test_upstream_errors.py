@@ -113,6 +113,8 @@ FAILURES = [
     pytest.param("/refused/v1/chat/completions", "upstream_unreachable", id="refused"),
     pytest.param("/openai/reset", "upstream_connection_error", id="reset-before-response"),
     pytest.param("/openai/garbage", "upstream_bad_response", id="garbage-response"),
+    # Relayed, a 101 would turn the client connection into a tunnel to the upstream.
+    pytest.param("/openai/switching-protocols", "upstream_bad_response", id="unsolicited-101"),
     pytest.param("/dns/v1/chat/completions", "upstream_dns_error", id="dns-failure"),
     pytest.param("/tls/v1/chat/completions", "upstream_tls_error", id="tls-failure"),
 ]
