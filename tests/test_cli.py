@@ -266,7 +266,11 @@ def test_reload_reports_a_pid_that_no_longer_runs(tmp_path: Path) -> None:
     assert f"process {gone.pid} from {pid_file} is not running" in result.stderr
 
 
-@pytest.mark.parametrize("content", ["", "abc", "0", "-1", "-4242", "12 34"])
+@pytest.mark.parametrize(
+    "content",
+    # Past what a pid can be: int() of 5000 digits raises, os.kill() of 11 digits overflows.
+    ["", "abc", "0", "-1", "-4242", "12 34", "99999999999", "9" * 5000],
+)
 def test_reload_refuses_a_pid_file_without_a_single_process_id(
     tmp_path: Path, content: str
 ) -> None:
