@@ -105,6 +105,25 @@ class FluxgateApplication(BaseApplication):
         if os.path.isfile(GUNICORN_CONF):
             self._load_overrides(GUNICORN_CONF)
 
+    def do_load_config(self) -> None:
+        """gunicorn's, but a failure (say a broken gunicorn.conf.py) is one log line:
+        gunicorn prints a blank line and `Error: …` to stderr, records with no level."""
+        try:
+            self.load_default_config()
+            self.load_config()
+            validate = getattr(self.cfg, "validate", None)  # newer gunicorn releases only
+            if validate is not None:
+                validate()
+        except Exception as exc:
+            log_fields(
+                log,
+                logging.ERROR,
+                "cannot load the process settings",
+                error=oneline.describe(exc),
+                traceback=oneline.frames(exc.__traceback__),
+            )
+            sys.exit(1)
+
     def _load_overrides(self, filename: str) -> None:
         namespace: dict[str, Any] = {"__file__": filename}
         with open(filename) as f:

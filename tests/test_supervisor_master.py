@@ -128,6 +128,19 @@ def test_an_unexpected_error_in_the_master_exits_non_zero_in_one_line(
     assert runtime_dirs(base) == []
 
 
+def test_a_broken_gunicorn_conf_is_one_error_record_and_exit_1(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    base = tmp_path / "run"
+    sup = make_supervisor(proxy_config(upstream.url), start=False, env=runtime_env(base))
+    (sup.config_path.parent / "gunicorn.conf.py").write_text("timeout = (\n")
+    sup.start(wait=False)
+    assert exit_status(sup) == 1
+    assert_one_record_per_line(sup.lines)
+    assert any(line.startswith("ERROR") and "gunicorn.conf.py" in line for line in sup.lines)
+    assert runtime_dirs(base) == []
+
+
 def test_a_second_supervisor_on_the_same_pid_file_says_so_in_one_line(
     upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
