@@ -29,6 +29,42 @@ def same_listener(first: str, second: str) -> bool:
     return port_a == port_b and (len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS))
 
 
+def bind_address_problem(value: str) -> str | None:
+    """What is wrong with the shape of a listen address ("host:port", "[v6]:port"), or None.
+
+    Each shape gets the message that names its actual fault: ":8080" lacks a
+    host, not a valid port. Whether the host itself is valid is checked after.
+    """
+    if value.startswith("["):
+        inside, closed, rest = value[1:].partition("]")
+        if not closed:
+            return 'an IPv6 address must end with "]", e.g. "[::1]:8080"'
+        if not inside:
+            return 'the host is missing between "[" and "]", e.g. "[::1]:8080"'
+        if not rest:
+            return f'the port is missing, e.g. "[{inside}]:8080"'
+        if not rest.startswith(":"):
+            return f'expected ":" and a port after "]", e.g. "[{inside}]:8080"'
+        host, port = inside, rest[1:]
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            return 'expected host:port, e.g. "0.0.0.0:8080"; the port is missing'
+    if not host:
+        example = port if port.isdigit() and len(port) <= 5 else "8080"
+        return (
+            f'the host is missing: use "0.0.0.0:{example}" for every interface '
+            f'or "127.0.0.1:{example}" for this machine only'
+        )
+    if not port:
+        return "the port is missing after the colon"
+    if not (port.isascii() and port.isdigit()):
+        return "the port must be a number from 1 to 65535"
+    if len(port) > 5 or not 1 <= int(port) <= 65535:
+        return "the port must be from 1 to 65535"
+    return None
+
+
 def plain_ascii(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
 

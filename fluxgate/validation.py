@@ -35,6 +35,11 @@ Choices where SPEC §3 is silent:
   is an error together with ``metrics: false`` (which of the two is meant?).
 - ``usage`` is ``openai``, ``anthropic`` or ``off``; an unquoted ``off`` is
   the boolean false to YAML 1.1 and is accepted as ``off``.
+- Every number has an upper bound the code can use (SPEC §9): a value past it
+  would otherwise pass here and fail later, in the master, where it costs the
+  process (see the ``MAX_*`` constants below).
+- A static key may be at most ``fluxgate.auth.MAX_TOKEN_BYTES`` long: a longer
+  token is refused before lookup, so such a key could never authenticate.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from urllib.parse import urlsplit
 
 from fluxgate.addresses import (
     HOSTNAME_LABEL,
+    bind_address_problem,
     is_ip,
     plain_ascii,
     port_digits_ok,
@@ -56,8 +62,10 @@ from fluxgate.addresses import (
     valid_hostname,
     valid_url_host,
 )
+from fluxgate.auth import MAX_TOKEN_BYTES
 from fluxgate.config import DEFAULT_BIND_ADDRESS, UPSTREAM_SETTINGS, split_bind_address
 from fluxgate.forwarded import parse_networks
+from fluxgate.limits import MAX_SLOTS
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
 SERVER_KEYS = (
@@ -75,6 +83,19 @@ STATIC_KEY_KEYS = ("id", "key", "upstreams")
 JWT_KEY_KEYS = ("id", "key")
 
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
+
+# Upper bounds (SPEC §9: every number is bounded to what the code can use).
+# The deadline of one upstream exchange; it also bounds a graceful shutdown.
+# A day is longer than any LLM exchange, and far below where a timer or
+# float conversion overflows.
+MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
+# Each connection holds two file descriptors (client and upstream), and Linux
+# caps a process at fs.nr_open descriptors, 1,048,576 by default: more
+# connections than this could never be open at once.
+MAX_CONNECTIONS = 500_000
+# Each worker owns one slot of the shared connection table, and a change of
+# bind_address runs the new pool beside the retiring one: half the slots.
+MAX_WORKERS = MAX_SLOTS // 2
 HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "upgrade"}) | {
     "proxy-authenticate",
     "proxy-authorization",
@@ -110,7 +131,9 @@ def _scalar_text(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        return _number_text(value)
+    if isinstance(value, float):
         text = repr(value)
         return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
     if isinstance(value, str):
@@ -118,6 +141,13 @@ def _scalar_text(value: object) -> str:
     if isinstance(value, date):
         return value.isoformat()
     return type(value).__name__
+
+
+def _number_text(value: int) -> str:
+    """An integer for a message; a huge one by its size (its digits could fill a page)."""
+    if value.bit_length() <= 64:
+        return str(value)
+    return f"a number of about {int(value.bit_length() * 0.30103)} digits"
 
 
 def field_path(parent: str, key: object) -> str:
@@ -211,11 +241,14 @@ class _Validator:
             return None
         return value
 
-    def positive_int(self, path: str, value: object) -> None:
+    def positive_int(self, path: str, value: object, maximum: int, why: str) -> None:
+        """An integer from 1 to `maximum`; `why` says where the maximum comes from."""
         if isinstance(value, bool) or not isinstance(value, int):
             self.add(path, f"must be an integer, got {_shown(value)}")
         elif value < 1:
-            self.add(path, f"must be at least 1, got {value}")
+            self.add(path, f"must be at least 1, got {_number_text(value)}")
+        elif value > maximum:
+            self.add(path, f"must be at most {maximum} ({why}), got {_number_text(value)}")
 
     def header_secret(self, path: str, value: object, *, charset: str) -> str | None:
         """A secret sent in an HTTP header; the value is never echoed."""
@@ -251,7 +284,7 @@ class _Validator:
             version = doc["version"]
             if isinstance(version, int) and not isinstance(version, bool):
                 if version != 1:
-                    self.add("version", f"must be 1, got {version}")
+                    self.add("version", f"must be 1, got {_number_text(version)}")
             else:
                 self.add("version", f"must be the integer 1, got {_shown(version)}")
         self.server(doc.get("server"))
@@ -266,9 +299,21 @@ class _Validator:
             text = self.string("server.bind_address", server["bind_address"])
             if text is not None:
                 self.bind_address("server.bind_address", text)
-        for name in ("max_connections", "workers"):
-            if name in server:
-                self.positive_int(f"server.{name}", server[name])
+        if "max_connections" in server:
+            self.positive_int(
+                "server.max_connections",
+                server["max_connections"],
+                MAX_CONNECTIONS,
+                "two file descriptors each, within the kernel's per-process limit",
+            )
+        if "workers" in server:
+            self.positive_int(
+                "server.workers",
+                server["workers"],
+                MAX_WORKERS,
+                f"the connection table has {MAX_SLOTS} slots, "
+                "and a bind_address change runs two pools at once",
+            )
         self.metrics(server)
         if "trusted_proxies" in server:
             self.trusted_proxies(server["trusted_proxies"])
@@ -313,9 +358,13 @@ class _Validator:
         if not plain_ascii(value):
             self.add(path, f"must be host:port in ASCII without spaces, got {quote(value)}")
             return
+        problem = bind_address_problem(value)
+        if problem is not None:
+            self.add(path, f"{problem}, got {quote(value)}")
+            return
         try:
             host, _port = split_bind_address(value)
-        except ValueError as exc:
+        except ValueError as exc:  # bind_address_problem knows every shape this refuses
             self.add(path, f"{exc}, got {quote(value)}")
             return
         if value.startswith("["):
@@ -332,7 +381,12 @@ class _Validator:
         """Check the `upstreams` section; return the names later references may use."""
         section = self.section("upstreams", value, None)
         if "request_timeout_ms" in section:
-            self.positive_int("upstreams.request_timeout_ms", section["request_timeout_ms"])
+            self.positive_int(
+                "upstreams.request_timeout_ms",
+                section["request_timeout_ms"],
+                MAX_REQUEST_TIMEOUT_MS,
+                "24 hours",
+            )
         names: set[str] = set()
         routes: dict[str, tuple[str, str]] = {}  # normalised prefix -> (name, as written)
         for name, spec in section.items():
@@ -462,6 +516,14 @@ class _Validator:
                 self.add(f"{path}.key", "required")
             else:
                 key = self.header_secret(f"{path}.key", entry["key"], charset="ASCII")
+                if key is not None and len(key) > MAX_TOKEN_BYTES:
+                    # ASCII: characters are bytes. The proxy refuses longer tokens unread.
+                    self.add(
+                        f"{path}.key",
+                        f"must be at most {MAX_TOKEN_BYTES} bytes (the longest token "
+                        f"the proxy reads), got {len(key)}",
+                    )
+                    key = None
                 if key is not None and key in seen_keys:
                     self.add(f"{path}.key", f"duplicate: the same key as {seen_keys[key]}")
                 elif key is not None:

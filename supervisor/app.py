@@ -13,18 +13,20 @@ import logging
 import math
 import os
 import resource
-import shutil
-import tempfile
+import sys
 from typing import Any
 
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from setproctitle import setproctitle
 
 from fluxgate.config import Config
 from fluxgate.limits import ConnectionTable
-from fluxgate.logs import configure_logging
+from fluxgate.logs import configure_logging, log_fields
 
+from . import oneline
 from .publisher import ConfigPublisher
+from .runtime import RuntimeDirectory, remove_stale
 
 log = logging.getLogger("fluxgate.supervisor")
 
@@ -42,18 +44,32 @@ class GunicornLogger(glogging.Logger):
     def setup(self, cfg: Any) -> None:
         self.cfg = cfg
         self._access_log_enabled = False
-        configure_logging()
+        configure_master_logging()
         self.access_log.disabled = True
 
 
+def configure_master_logging() -> None:
+    oneline.install(configure_logging())
+
+
+def master_title(config_path: str) -> str:
+    return f"fluxgate: supervisor [config={os.path.abspath(config_path)}]"
+
+
 class FluxgateApplication(BaseApplication):
-    def __init__(self, config_path: str, workers: int | None, pid_file: str | None) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        workers: int | None,
+        pid_file: str | None,
+        runtime: RuntimeDirectory,
+    ) -> None:
         self.workers_override = workers
         self.pid_file = pid_file
-        runtime_base = os.environ.get("RUNTIME_DIRECTORY") or None
-        self.runtime_dir = tempfile.mkdtemp(prefix="fluxgate-", dir=runtime_base)
-        self.metrics_dir = prepare_metrics_directory(self.runtime_dir)
-        self.publisher = ConfigPublisher(config_path, self.runtime_dir)
+        self.runtime = runtime
+        self.runtime_dir = runtime.path
+        self.metrics_dir = prepare_metrics_directory(runtime.metrics)
+        self.publisher = ConfigPublisher(config_path, self.runtime_dir, prepare=runtime.ensure)
         # Read by every worker after fork (see fluxgate.worker.WorkerContext).
         self.current_config: Config = self.publisher.load_initial()
         self.snapshot_path = self.publisher.snapshot_path
@@ -92,6 +108,25 @@ class FluxgateApplication(BaseApplication):
         if os.path.isfile(GUNICORN_CONF):
             self._load_overrides(GUNICORN_CONF)
 
+    def do_load_config(self) -> None:
+        """gunicorn's, but a failure (say a broken gunicorn.conf.py) is one log line:
+        gunicorn prints a blank line and `Error: …` to stderr, records with no level."""
+        try:
+            self.load_default_config()
+            self.load_config()
+            validate = getattr(self.cfg, "validate", None)  # newer gunicorn releases only
+            if validate is not None:
+                validate()
+        except Exception as exc:
+            log_fields(
+                log,
+                logging.ERROR,
+                "cannot load the process settings",
+                error=oneline.describe(exc),
+                traceback=oneline.frames(exc.__traceback__),
+            )
+            sys.exit(1)
+
     def _load_overrides(self, filename: str) -> None:
         namespace: dict[str, Any] = {"__file__": filename}
         with open(filename) as f:
@@ -107,16 +142,13 @@ class FluxgateApplication(BaseApplication):
     def load(self) -> None:
         """Workers build their own app (fluxgate.worker); there is nothing to import."""
 
-    def cleanup(self) -> None:
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # fluxgate.metrics.ENV_DIR; see below
 
 
-def prepare_metrics_directory(runtime_dir: str) -> str:
-    """Create the private directory for the Prometheus series and point this
-    process (and so every worker it forks) at it.
+def prepare_metrics_directory(directory: str) -> str:
+    """Point this process (and so every worker it forks) at the private
+    directory for the Prometheus series (supervisor.runtime makes it).
 
     Must run before prometheus_client is first imported: the library picks
     its file storage at import time. The variable is an internal mechanism
@@ -124,8 +156,6 @@ def prepare_metrics_directory(runtime_dir: str) -> str:
     (SPEC §3 keeps the environment for logging settings): any value it had is
     replaced. The directory goes with the runtime directory at exit.
     """
-    directory = os.path.join(runtime_dir, "metrics")
-    os.mkdir(directory, 0o700)
     os.environ[METRICS_ENV] = directory
     return directory
 
@@ -163,18 +193,44 @@ def raise_fd_limit(max_connections: int) -> None:
 
 
 def run(config_path: str, workers: int | None = None, pid_file: str | None = None) -> int:
-    configure_logging()
-    app = FluxgateApplication(config_path, workers, pid_file)
-    # Only now: the arbiter's imports bring in prometheus_client (see above).
-    from .arbiter import FluxgateArbiter
-
-    raise_fd_limit(app.current_config.server.max_connections)
+    """Serve until told to stop; the exit status (0 only for a requested shutdown)."""
+    # The title first: until gunicorn's Arbiter runs, nothing else would set one.
+    setproctitle(master_title(config_path))
+    configure_master_logging()
+    remove_stale()
+    try:
+        runtime = RuntimeDirectory()
+    except OSError as exc:
+        log_fields(
+            log,
+            logging.ERROR,
+            "cannot create the runtime directory",
+            error=oneline.describe(exc),
+        )
+        return 1
     master_pid = os.getpid()
     try:
+        app = FluxgateApplication(config_path, workers, pid_file, runtime)
+        # Only now: the arbiter's imports bring in prometheus_client (see above).
+        from .arbiter import FluxgateArbiter
+
+        raise_fd_limit(app.current_config.server.max_connections)
         FluxgateArbiter(app).run()
     except SystemExit as exc:
+        # gunicorn's sys.exit(): the status it chose (a worker leaves this way too).
+        # Fluxgate's halt() makes 0 mean a requested shutdown; sys.exit() without a
+        # status is never one.
         return exc.code if isinstance(exc.code, int) else 1
-    finally:
+    except Exception as exc:  # anything gunicorn did not catch: one line, not a traceback
         if os.getpid() == master_pid:
-            app.cleanup()
+            log_fields(
+                log,
+                logging.ERROR,
+                "supervisor failed",
+                error=oneline.describe(exc),
+                traceback=oneline.frames(sys.exc_info()[2]),
+            )
+        return 1
+    finally:
+        runtime.remove()  # only in the master: a worker leaves through here too
     return 0

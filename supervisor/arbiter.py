@@ -18,11 +18,18 @@ What changes from the stock Arbiter, and why (STACK-NOTES, gunicorn):
 - SIGUSR1 (logrotate's "reopen your files"): Fluxgate logs only to stderr, so
   there is nothing to reopen; it is logged and forwarded as gunicorn does, and
   the workers ignore it.
+- Exit status 0 means a requested shutdown (SIGTERM, SIGINT, SIGQUIT) and
+  nothing else: gunicorn's main loop takes any StopIteration as "shut down",
+  exit 0, and systemd's Restart=on-failure would then leave the service down.
+- The title `fluxgate: supervisor [config=…]` replaces gunicorn's own at once.
+- A second supervisor on the same --pid-file says so in one line and exits 1.
+- SIGTTIN (one more worker) stops at the connection table's worker bound.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,13 +37,16 @@ from typing import Any
 
 from gunicorn import sock as gsock
 from gunicorn.arbiter import Arbiter
+from gunicorn.pidfile import Pidfile
 from setproctitle import setproctitle
 
 from fluxgate.config import Config
 from fluxgate.logs import log_fields
+from fluxgate.validation import MAX_WORKERS
 from fluxgate.worker import HEARTBEAT_INTERVAL
 
-from . import sdnotify
+from . import oneline, sdnotify
+from .app import master_title
 from .metrics import MasterMetrics
 from .watcher import ConfigWatcher
 
@@ -55,7 +65,7 @@ class FluxgateArbiter(Arbiter):
         self.publisher = app.publisher
         self.watcher = ConfigWatcher(self.publisher.path, self._on_file_event)
         self._ready_sent = False
-        self._titled = False
+        self._stop_requested = False  # a signal asked for the shutdown: exit 0 is right
         self._spawned_at: dict[int, float] = {}
         self._asked_to_stop: set[int] = set()  # pids sent a stop signal: not restarts
         self.metrics = app.metrics = MasterMetrics(app.metrics_dir)
@@ -64,6 +74,8 @@ class FluxgateArbiter(Arbiter):
     # Start and stop
 
     def start(self) -> None:
+        # Before binding: a second supervisor must not touch the first one's port.
+        self._check_pid_file()
         if not self.LISTENERS:
             self.LISTENERS = self._bind(self.cfg.address) or []
             if not self.LISTENERS:
@@ -71,7 +83,11 @@ class FluxgateArbiter(Arbiter):
         # gunicorn would send READY=1 before any worker exists, and workers
         # must not inherit the socket.
         sdnotify.claim_socket()
-        super().start()
+        try:
+            super().start()
+        except RuntimeError as exc:  # gunicorn's Pidfile: running, or no such directory
+            log_fields(log, logging.ERROR, "cannot start", error=oneline.describe(exc))
+            sys.exit(1)
         self.metrics.apply(self.app.current_config)
         self.watcher.start()
 
@@ -94,7 +110,43 @@ class FluxgateArbiter(Arbiter):
                 return None
         return listeners
 
+    def _check_pid_file(self) -> None:
+        if not self.cfg.pidfile:
+            return
+        try:
+            running = Pidfile(self.cfg.pidfile).validate()
+        except OSError as exc:
+            log_fields(
+                log,
+                logging.ERROR,
+                "cannot read the pid file",
+                pid_file=self.cfg.pidfile,
+                error=exc.strerror or str(exc),
+            )
+            sys.exit(1)
+        if running and running != os.getpid():
+            log_fields(
+                log,
+                logging.ERROR,
+                "another supervisor is running with this pid file",
+                pid_file=self.cfg.pidfile,
+                pid=running,
+            )
+            sys.exit(1)
+
     def halt(self, reason: str | None = None, exit_status: int = 0) -> None:
+        if exit_status == 0 and not self._stop_requested:
+            # gunicorn's loop ends on any StopIteration (or KeyboardInterrupt) with
+            # status 0; only a signal's is a shutdown, anything else is a failure.
+            exc = sys.exc_info()[1]
+            log_fields(
+                log,
+                logging.ERROR,
+                "stopping on an unexpected error",
+                error=oneline.describe(exc) if exc is not None else "unknown",
+                traceback=oneline.frames(exc.__traceback__) if exc is not None else "",
+            )
+            exit_status = 1
         sdnotify.stopping()
         self.watcher.stop()
         log.info(
@@ -102,8 +154,25 @@ class FluxgateArbiter(Arbiter):
         )
         super().halt(reason, exit_status)
 
+    def handle_term(self) -> None:
+        self._stop_requested = True
+        super().handle_term()
+
     def handle_int(self) -> None:
+        self._stop_requested = True
         raise StopIteration  # graceful, like SIGTERM
+
+    def handle_quit(self) -> None:
+        self._stop_requested = True
+        super().handle_quit()
+
+    def handle_ttin(self) -> None:
+        if self.num_workers >= MAX_WORKERS:
+            log_fields(
+                log, logging.WARNING, "SIGTTIN: already at the most workers", workers=MAX_WORKERS
+            )
+            return
+        super().handle_ttin()
 
     def handle_usr1(self) -> None:
         log.info("SIGUSR1: no log files to reopen (Fluxgate logs to stderr)")
@@ -113,7 +182,12 @@ class FluxgateArbiter(Arbiter):
 
     def spawn_worker(self) -> int:
         used = {getattr(w, "slot", -1) for w in self.WORKERS.values()}
-        slot = next(i for i in range(self.app.connection_table.size) if i not in used)
+        free = (i for i in range(self.app.connection_table.size) if i not in used)
+        slot = next(free, None)
+        if slot is None:  # not a StopIteration: gunicorn's loop would take that for "exit 0"
+            raise RuntimeError(
+                f"no free slot in the connection table ({len(used)} workers hold all of them)"
+            )
         self.app.connection_table.reset_slot(slot)
         self.app.next_slot = slot
         self.app.current_config = self.publisher.config
@@ -140,11 +214,12 @@ class FluxgateArbiter(Arbiter):
                 self.metrics.worker_exited(pid, asked=asked)
 
     def manage_workers(self) -> None:
+        if not self._ready_sent:
+            # gunicorn's run() titles the master "gunicorn: master [...]" right after
+            # start() and then calls this: put ours back before the first fork.
+            self._set_title()
         super().manage_workers()
         self.metrics.set_workers(len(self.WORKERS))
-        if not self._titled:  # gunicorn sets its own title after start(); replace it once
-            self._titled = True
-            self._set_title()
         if not self._ready_sent and self.WORKERS and self._all_booted():
             self._ready_sent = True
             sdnotify.ready()
@@ -233,7 +308,7 @@ class FluxgateArbiter(Arbiter):
         self.manage_workers()
 
     def _set_title(self) -> None:
-        setproctitle(f"fluxgate: supervisor [config={self.publisher.path}]")
+        setproctitle(master_title(self.publisher.path))
 
 
 def _format(address: Any) -> str:

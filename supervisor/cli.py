@@ -7,7 +7,8 @@ Everything except `start` runs here and exits quickly; `start` hands over to
 Exit codes: 0 success, 1 a problem with the file, pid file or process,
 2 a usage error (argparse's convention, also for `reload` without
 `--pid-file`: `start` writes no pid file unless asked, so there is nothing
-to default to).
+to default to; and for `start` with a logging variable of the environment
+set to a value it does not know, which would otherwise be ignored).
 """
 
 from __future__ import annotations
@@ -18,34 +19,64 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fluxgate.configfile import ConfigFileError, ConfigInvalid, LoadedConfig, load_config_file
+from fluxgate.logs import LEVELS
+from fluxgate.validation import MAX_WORKERS
 
 DISTRIBUTION = "fluxgate-gateway"  # the name on PyPI (`fluxgate` is another project)
 DEFAULT_CONFIG = "./fluxgate.yaml"
 DEFAULT_TOKEN_TTL = 3600
 TOKEN_SUBJECT = "fluxgate-cli"
+# A token's lifetime: ten years is longer than any operator's need, and keeps
+# `exp` far inside what every JWT library reads as a date.
+MAX_TOKEN_TTL = 10 * 365 * 24 * 3600
+# The allowed values of the logging variables (SPEC §5), compared case-insensitively.
+LOG_STYLES = ("auto", "always", "never")
+LOG_FORMATS = ("text", "json")
+_NUMBER_DIGITS = 12  # longer input is out of every bound below: not even converted
 
 
-def _whole_number(minimum: int, bound: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum` (`bound` says so)."""
+def _whole_number(minimum: int, maximum: int, bound: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` to `maximum` (`bound` says so)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
+        digits = text.strip().lstrip("+-")
+        if not (digits.isascii() and digits.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+        if len(digits) > _NUMBER_DIGITS or not minimum <= int(text) <= maximum:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text.strip()[:20]}")
+        return int(text)
 
     return parse
 
 
-_positive_int = _whole_number(1, "at least 1")
-_non_negative_int = _whole_number(0, "0 or more")
+_worker_count = _whole_number(
+    1, MAX_WORKERS, f"from 1 to {MAX_WORKERS} (the connection table's worker bound)"
+)
+_token_ttl = _whole_number(0, MAX_TOKEN_TTL, f"from 0 to {MAX_TOKEN_TTL} (ten years)")
+
+
+def logging_environment_problems(env: Mapping[str, str]) -> list[str]:
+    """Logging variables set to values fluxgate.logs would silently replace by defaults.
+
+    An empty value counts as unset (fluxgate.logs reads it so).
+    """
+    allowed = {
+        "FLUXGATE_LOG": tuple(LEVELS),
+        "FLUXGATE_LOG_STYLE": LOG_STYLES,
+        "FLUXGATE_LOG_FORMAT": LOG_FORMATS,
+    }
+    problems = []
+    for name, choices in allowed.items():
+        value = env.get(name, "").strip()
+        if value and value.upper() not in {c.upper() for c in choices}:
+            problems.append(
+                f"{name}={value[:40]!r} is not one of {', '.join(choices)} (any letter case)"
+            )
+    return problems
 
 
 def _version() -> str:
@@ -81,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--workers",
         metavar="N",
-        type=_positive_int,
-        help="number of worker processes (default: server.workers, else the CPU count)",
+        type=_worker_count,
+        help=f"number of worker processes, 1 to {MAX_WORKERS} "
+        "(default: server.workers, else the CPU count)",
     )
     start.add_argument(
         "--pid-file", metavar="PATH", help="write the supervisor's pid here (default: none)"
@@ -103,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "--pid-file",
         metavar="PATH",
-        help="the pid file given to `start --pid-file` (required: start writes none otherwise)",
+        required=True,
+        help="the pid file given to `start --pid-file` (start writes none otherwise)",
     )
 
     token = commands.add_parser(
@@ -115,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--ttl",
         metavar="SECONDS",
-        type=_non_negative_int,
+        type=_token_ttl,
         default=DEFAULT_TOKEN_TTL,
-        help=f"lifetime in seconds; 0 = no expiry (default: {DEFAULT_TOKEN_TTL})",
+        help=f"lifetime in seconds, at most {MAX_TOKEN_TTL}; 0 = no expiry "
+        f"(default: {DEFAULT_TOKEN_TTL})",
     )
     config_option(token)
     for sub in (start, check, reload, token):
@@ -151,6 +185,17 @@ def cmd_check(path: str) -> int:
         f"OK: {path} is valid ({len(config.upstreams)} upstreams, "
         f"{len(config.static_keys)} static keys, {len(config.jwt_keys)} JWT keys)"
     )
+    # Valid, yet the proxy would refuse every request: say so (still exit 0).
+    if not config.upstreams:
+        print(
+            f"warning: {path}: no upstreams: every request will be refused (401 or 404)",
+            file=sys.stderr,
+        )
+    if not config.has_credentials:
+        print(
+            f"warning: {path}: no api_keys: every request will be refused with 401",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -162,13 +207,12 @@ def cmd_reload(pid_file: str) -> int:
     except OSError as exc:
         return _error(f"{pid_file}: cannot read the pid file: {exc.strerror or exc}")
     # pid 0 and negative pids address whole process groups: never signal those.
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdigit() or len(text) > 10 or int(text) < 1:
         return _error(f"{pid_file}: does not contain a process id")
     pid = int(text)
-    if not _looks_like_fluxgate(pid):
-        return _error(
-            f"process {pid} from {pid_file} is not a fluxgate supervisor (stale pid file?)"
-        )
+    problem = _not_a_supervisor(pid)
+    if problem is not None:
+        return _error(f"process {pid} from {pid_file} {problem}")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -179,14 +223,57 @@ def cmd_reload(pid_file: str) -> int:
     return 0
 
 
-def _looks_like_fluxgate(pid: int) -> bool:
-    """Guard against a stale pid file naming an unrelated process, which SIGHUP
-    would usually terminate. Without /proc (not Linux) the check is skipped."""
+SUPERVISOR_TITLE = "fluxgate: supervisor "  # supervisor.app.master_title
+SCRIPT_NAME = "fluxgate-supervisor"
+
+
+def _argv(pid: int) -> list[str] | None:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # no such process (os.kill will say so), or no /proc at all
+        data = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return data.decode(errors="replace").rstrip("\0").split("\0")
+
+
+def _is_master(argv: list[str]) -> bool:
+    """A command line of `fluxgate-supervisor start`, before or after it is retitled."""
+    if " ".join(argv).startswith(SUPERVISOR_TITLE):
         return True
-    return b"fluxgate" in cmdline
+    # Before the title is set: [python] /path/fluxgate-supervisor start ...
+    return any(
+        os.path.basename(arg) == SCRIPT_NAME and argv[i + 1 : i + 2] == ["start"]
+        for i, arg in enumerate(argv[:2])
+    )
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data.rsplit(b")", 1)[-1].split()  # the command name may hold spaces
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def _not_a_supervisor(pid: int) -> str | None:
+    """Why `pid` is not a running Fluxgate supervisor master, or None if it is one.
+
+    SIGHUP terminates most programs: a stale pid file naming an unrelated
+    process (say a `tail -f fluxgate.log`) or a worker must not receive it.
+    """
+    argv = _argv(pid)
+    if argv is None:
+        if not os.path.isdir("/proc/self"):
+            return "cannot be checked: /proc is not available"
+        return "is not running (stale pid file?)"
+    # A worker first: just after its fork it still carries the master's title.
+    parent = _parent(pid)
+    parent_argv = _argv(parent) if parent else None
+    if parent_argv is not None and _is_master(parent_argv):
+        return f"is a worker of the supervisor {parent}, not the supervisor"
+    if not _is_master(argv):
+        return "is not a fluxgate supervisor (stale pid file?)"
+    return None
 
 
 def cmd_token(path: str, kid: str, ttl: int) -> int:
@@ -219,11 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return cmd_check(args.config)
     if args.command == "reload":
-        if args.pid_file is None:
-            args.subparser.error("--pid-file PATH is required (the file given to start --pid-file)")
         return cmd_reload(args.pid_file)
     if args.command == "token":
         return cmd_token(args.config, args.kid, args.ttl)
+    problems = logging_environment_problems(os.environ)
+    if problems:
+        print(f"fluxgate-supervisor: error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     return cmd_start(args.config, args.workers, args.pid_file)
 
 

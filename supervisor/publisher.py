@@ -6,6 +6,10 @@ last rejected) is parsed. A valid version becomes the next generation and is
 published as a snapshot for the workers; an invalid one is logged with every
 problem and the last good config keeps serving. File errors (deleted,
 unreadable, a directory) are logged once per condition, not once per poll.
+A snapshot that cannot be written (the runtime directory was removed and
+cannot be made again) is the same: the workers keep the generation they
+have, the change is retried at the next check, and that is logged once.
+Every event is one log line; a rejected file's problems are one field.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from fluxgate.configfile import (
 from fluxgate.logs import log_fields
 from fluxgate.snapshot import SNAPSHOT_NAME, write_snapshot
 
+from . import oneline
+
 log = logging.getLogger("fluxgate.supervisor")
 
 
@@ -39,9 +45,14 @@ class Applied:
 
 
 class ConfigPublisher:
-    def __init__(self, path: str, runtime_dir: str) -> None:
+    def __init__(
+        self, path: str, runtime_dir: str, prepare: Callable[[], None] | None = None
+    ) -> None:
         self.path = os.path.abspath(path)
         self.snapshot_path = os.path.join(runtime_dir, SNAPSHOT_NAME)
+        # Called before each snapshot is written: recreates a removed runtime directory.
+        self._prepare = prepare
+        self._publish_error: str | None = None
         self.config: Config = default_config(generation=1)
         self.doc: dict[str, Any] = dict(DEFAULT_DOC)
         self._applied_digest: str | None = None
@@ -82,6 +93,7 @@ class ConfigPublisher:
                 "config file invalid; serving safe defaults that reject every request",
                 path=self.path,
                 error="invalid",
+                problems=len(exc.errors),
                 cause="; ".join(exc.errors),
             )
         else:
@@ -95,7 +107,7 @@ class ConfigPublisher:
                 generation=self.generation,
                 upstreams=len(self.config.upstreams),
             )
-        self._publish()
+        self._write(self.generation, self.doc)  # at start a failure is fatal: nothing serves yet
         return self.config
 
     def check(self, forced: bool = False) -> Applied | None:
@@ -138,20 +150,24 @@ class ConfigPublisher:
             loaded = parse_config_bytes(data, generation=self.generation + 1)
         except ConfigInvalid as exc:
             self._rejected_digest = digest
-            log.warning(
-                "config rejected; keeping generation %d (%s): %d problem(s):\n  %s",
-                self.generation,
-                self.path,
-                len(exc.errors),
-                "\n  ".join(exc.errors),
+            # One event, one line (journald and Loki make a record of each line).
+            log_fields(
+                log,
+                logging.WARNING,
+                "config rejected; keeping the last good config",
+                path=self.path,
+                generation=self.generation,
+                problems=len(exc.errors),
+                errors="; ".join(exc.errors),
             )
             self._outcome("rejected")
+            return None
+        if not self._publish(loaded.config.generation, loaded.doc):
             return None
         previous = self.config
         self.config, self.doc = loaded.config, loaded.doc
         self._applied_digest = digest
         self._rejected_digest = None
-        self._publish()
         log_fields(
             log,
             logging.INFO,
@@ -163,5 +179,27 @@ class ConfigPublisher:
         self._outcome("applied")
         return Applied(self.config, previous)
 
-    def _publish(self) -> None:
-        write_snapshot(self.snapshot_path, self.generation, self.doc)
+    def _write(self, generation: int, doc: dict[str, Any]) -> None:
+        if self._prepare is not None:
+            self._prepare()
+        write_snapshot(self.snapshot_path, generation, doc)
+
+    def _publish(self, generation: int, doc: dict[str, Any]) -> bool:
+        """Write the snapshot of a new generation; False (logged once) when it cannot be."""
+        try:
+            self._write(generation, doc)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if reason != self._publish_error:
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "cannot publish the config to the workers; they keep the last good config",
+                    path=self.snapshot_path,
+                    error=oneline.describe(exc),
+                    generation=self.generation,
+                )
+            self._publish_error = reason
+            return False
+        self._publish_error = None
+        return True

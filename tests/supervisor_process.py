@@ -8,6 +8,8 @@ scan. All waits are bounded.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -15,11 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,29 @@ SUPERVISOR = str(Path(sys.executable).parent / "fluxgate-supervisor")
 SERVING = r'^\S+\s+\S+ serving address=|"message": "serving"'
 # Every log line any supervisor printed in this test process, for the secret scan.
 ALL_LOG_LINES: list[str] = []
+
+
+DEFAULT_PORT = 8080  # fluxgate.config.DEFAULT_BIND_ADDRESS: where the safe defaults listen
+
+
+@contextlib.contextmanager
+def default_port_lock(timeout: float = 120) -> Iterator[None]:
+    """Held by a test whose supervisor serves the safe defaults (0.0.0.0:8080), so
+    that two such tests (parallel xdist workers) do not race for the port."""
+    with open(Path(tempfile.gettempdir()) / "fluxgate-tests-port-8080.lock", "a+") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("port 8080 lock held too long") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

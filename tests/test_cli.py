@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
 import pytest
 import yaml
 
+from demo.fake_upstream import FakeUpstreamThread
+from fluxgate.validation import MAX_WORKERS
+from tests.conftest import CLIENT_KEY, proxy_config
+from tests.supervisor_process import Supervisor, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 REFERENCE = ROOT / "config" / "fluxgate.yaml"
 INVALID = sorted((ROOT / "tests" / "fixtures" / "configs" / "invalid").glob("*.yaml"))
 SCRIPT = Path(sys.executable).parent / "fluxgate-supervisor"
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     if not SCRIPT.exists():
         pytest.fail(f"{SCRIPT} is missing: run `pip install -e .` first")
     return subprocess.run(
-        [str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+        [str(SCRIPT), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -61,6 +77,9 @@ def test_each_command_has_help(tmp_path: Path, command: str, options: list[str])
         ["--bogus"],
         ["start", "--workers", "0"],
         ["start", "--workers", "many"],
+        ["start", "--workers", str(MAX_WORKERS + 1)],
+        ["start", "--workers", "9" * 500],
+        ["token", "--kid", "dev", "--ttl", "9" * 500],
         ["token"],
         ["token", "--kid", "dev", "--ttl", "-1"],
         ["reload"],
@@ -164,35 +183,56 @@ def test_token_refuses_an_invalid_config() -> None:
 
 # -- reload -------------------------------------------------------------------
 
-HUP_CHILD = """
-import signal, sys, time
-from pathlib import Path
-marker = Path(sys.argv[1])
-signal.signal(signal.SIGHUP, lambda *_: marker.write_text("hup"))
-marker.with_suffix(".ready").write_text("ready")
-time.sleep(30)
-"""
+
+def test_reload_help_shows_the_pid_file_as_required(tmp_path: Path) -> None:
+    result = run("reload", "--help", cwd=tmp_path)
+    usage = result.stdout.split("\n\n", 1)[0]
+    assert "--pid-file PATH" in usage and "[--pid-file" not in usage, usage
 
 
-def test_reload_sends_sighup_to_the_process_in_the_pid_file(tmp_path: Path) -> None:
-    marker = tmp_path / "got-hup"
-    # "fluxgate" in the command line: reload checks it is not signalling a stranger.
-    child = subprocess.Popen([sys.executable, "-c", HUP_CHILD, str(marker), "fluxgate-test"])
+def test_reload_sends_sighup_to_the_supervisor_in_the_pid_file(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "fluxgate.pid"
+    sup = make_supervisor(proxy_config(upstream.url), args=["--pid-file", str(pid_file)])
+    assert sup.proc is not None and int(pid_file.read_text()) == sup.proc.pid
+    mark = sup.mark()
+    result = run("reload", "--pid-file", str(pid_file))
+    assert result.returncode == 0, result.stderr
+    sup.wait_for_log(r"config unchanged", start=mark)  # SIGHUP always re-reads the file
+
+
+def test_reload_refuses_a_worker_of_the_supervisor(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = make_supervisor(proxy_config(upstream.url))
+    (worker,) = sup.worker_pids()
+    pid_file = tmp_path / "fluxgate.pid"
+    pid_file.write_text(str(worker))
+    mark = sup.mark()
+    result = run("reload", "--pid-file", str(pid_file))
+    assert result.returncode == 1
+    assert f"is a worker of the supervisor {sup.proc.pid if sup.proc else 0}" in result.stderr
+    assert sup.worker_pids() == [worker]
+    assert not [line for line in sup.lines[mark:] if "config" in line]
+
+
+def test_reload_refuses_a_process_that_merely_mentions_fluxgate(tmp_path: Path) -> None:
+    log = tmp_path / "fluxgate.log"
+    log.write_text("")
+    # What `tail -f fluxgate.log` looks like to a check that only greps for "fluxgate".
+    tail = subprocess.Popen(["tail", "-f", str(log)])
     try:
-        deadline = time.monotonic() + 10
-        while not marker.with_suffix(".ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
         pid_file = tmp_path / "fluxgate.pid"
-        pid_file.write_text(f"{child.pid}\n")
+        pid_file.write_text(str(tail.pid))
         result = run("reload", "--pid-file", str(pid_file))
-        assert result.returncode == 0, result.stderr
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert marker.read_text() == "hup"
-        assert child.poll() is None
+        assert result.returncode == 1
+        assert "is not a fluxgate supervisor" in result.stderr
+        time.sleep(0.1)  # a SIGHUP, had one been sent, would have ended tail by now
+        assert tail.poll() is None
     finally:
-        child.kill()
-        child.wait()
+        tail.kill()
+        tail.wait()
 
 
 def test_reload_refuses_a_process_that_is_not_fluxgate(tmp_path: Path) -> None:
@@ -202,7 +242,7 @@ def test_reload_refuses_a_process_that_is_not_fluxgate(tmp_path: Path) -> None:
         pid_file.write_text(str(stranger.pid))
         result = run("reload", "--pid-file", str(pid_file))
         assert result.returncode == 1
-        assert "stale pid file" in result.stderr
+        assert "is not a fluxgate supervisor" in result.stderr
         time.sleep(0.1)
         assert stranger.poll() is None
     finally:
@@ -223,10 +263,14 @@ def test_reload_reports_a_pid_that_no_longer_runs(tmp_path: Path) -> None:
     pid_file.write_text(str(gone.pid))
     result = run("reload", "--pid-file", str(pid_file))
     assert result.returncode == 1
-    assert f"no process with pid {gone.pid}" in result.stderr
+    assert f"process {gone.pid} from {pid_file} is not running" in result.stderr
 
 
-@pytest.mark.parametrize("content", ["", "abc", "0", "-1", "-4242", "12 34"])
+@pytest.mark.parametrize(
+    "content",
+    # Past what a pid can be: int() of 5000 digits raises, os.kill() of 11 digits overflows.
+    ["", "abc", "0", "-1", "-4242", "12 34", "99999999999", "9" * 5000],
+)
 def test_reload_refuses_a_pid_file_without_a_single_process_id(
     tmp_path: Path, content: str
 ) -> None:
@@ -235,3 +279,71 @@ def test_reload_refuses_a_pid_file_without_a_single_process_id(
     result = run("reload", "--pid-file", str(pid_file))
     assert result.returncode == 1
     assert "does not contain a process id" in result.stderr
+
+
+# -- check warnings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("drop", "says"), [("upstreams", "no upstreams"), ("api_keys", "no api_keys")]
+)
+def test_check_warns_about_a_valid_file_that_can_serve_nothing(
+    tmp_path: Path, drop: str, says: str
+) -> None:
+    doc = yaml.safe_load(REFERENCE.read_text())
+    del doc[drop]
+    for entry in doc.get("api_keys", {}).get("static", []):
+        entry.pop("upstreams", None)  # names of the upstreams just dropped
+    path = tmp_path / "fluxgate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = run("check", "--config", str(path))
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"OK: {path} is valid")
+    (warning,) = result.stderr.splitlines()
+    assert warning.startswith("warning: ") and says in warning
+
+
+def test_check_does_not_warn_about_the_reference_config() -> None:
+    assert run("check", "--config", str(REFERENCE)).stderr == ""
+
+
+# -- logging environment ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("FLUXGATE_LOG", "bogus", "TRACE, DEBUG, INFO, WARN, WARNING, ERROR"),
+        ("FLUXGATE_LOG_FORMAT", "yaml", "text, json"),
+        ("FLUXGATE_LOG_STYLE", "sometimes", "auto, always, never"),
+    ],
+)
+def test_start_refuses_an_unknown_logging_setting_in_one_line(
+    tmp_path: Path, name: str, value: str, allowed: str
+) -> None:
+    (tmp_path / "fluxgate.yaml").write_bytes(REFERENCE.read_bytes())
+    result = run("start", cwd=tmp_path, env={name: value})
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert f"{name}='{value}'" in line and allowed in line
+
+
+def _serves(sup: Supervisor) -> bool:
+    try:
+        return sup.request("GET", "/openai/v1/models", AUTH, timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+def test_start_accepts_both_spellings_of_warn_in_any_case(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    for level in ("warn", "Warning"):
+        sup = make_supervisor(
+            proxy_config(upstream.url),
+            start=False,
+            env={"FLUXGATE_LOG": level, "FLUXGATE_LOG_FORMAT": "JSON"},
+        )
+        sup.start(wait=False)  # at WARN the INFO "serving" line is not written
+        assert wait_until(lambda s=sup: _serves(s), timeout=15, interval=0.05), sup.lines
+        assert sup.stop() == 0, sup.lines

@@ -19,7 +19,7 @@ import yaml
 
 from demo.fake_upstream import FakeUpstreamThread
 from tests.conftest import CLIENT_KEY, proxy_config
-from tests.supervisor_process import Supervisor
+from tests.supervisor_process import Supervisor, default_port_lock
 
 NEW_KEY = "fg-rotated-client-key-9c1e"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -201,7 +201,13 @@ def test_missing_file_at_start_serves_defaults_that_reject_everything(
     sup = make_supervisor(proxy_config(upstream.url), start=False)
     sup.config_path.unlink()
     sup.port = 8080
-    sup.start()
+    with default_port_lock():
+        sup.start()
+        _missing_file_serves_defaults(sup)
+        sup.stop()
+
+
+def _missing_file_serves_defaults(sup: Supervisor) -> None:
     line = next(x for x in sup.lines if "config file not loaded" in x)
     assert line.startswith("WARN") and f"path={sup.config_path}" in line and "error=missing" in line
     assert not [x for x in sup.lines if "config loaded" in x]

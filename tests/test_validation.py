@@ -17,9 +17,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fluxgate.auth import MAX_TOKEN_BYTES
 from fluxgate.config import build_config
 from fluxgate.configfile import ConfigInvalid, LoadedConfig, parse_config_bytes
-from fluxgate.validation import HOP_BY_HOP_HEADERS, validate
+from fluxgate.limits import MAX_SLOTS
+from fluxgate.validation import (
+    HOP_BY_HOP_HEADERS,
+    MAX_CONNECTIONS,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_WORKERS,
+    validate,
+)
 
 REFERENCE = Path(__file__).resolve().parent.parent / "config" / "fluxgate.yaml"
 DELETE = object()
@@ -202,11 +210,61 @@ def test_bind_address_rejects_anything_but_host_and_port(value: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["server.max_connections", "server.workers", "upstreams.request_timeout_ms"]
+    ("value", "says"),
+    [
+        (":29080", "the host is missing"),
+        (":", "the host is missing"),
+        ("[]:8080", "the host is missing"),
+        ("0.0.0.0", "the port is missing"),
+        ("0.0.0.0:", "the port is missing"),
+        ("[::1]", "the port is missing"),
+        ("[::1", 'must end with "]"'),
+        ("[::1]8080", 'expected ":" and a port after "]"'),
+        ("host:80x", "must be a number"),
+        ("host:0", "from 1 to 65535"),
+        ("host:99999999999", "from 1 to 65535"),
+    ],
 )
-@pytest.mark.parametrize("value", [1, 1000, 10**9])
-def test_counts_and_timeouts_accept_integers_of_at_least_1(path: str, value: int) -> None:
-    assert_accepted(doc_with(path, value))
+def test_bind_address_messages_name_the_actual_fault(value: str, says: str) -> None:
+    for path in ("server.bind_address", "server.metrics_address"):
+        errors = assert_rejected(doc_with(path, value), path)
+        message = next(e for e in errors if e.startswith(f"{path}: "))
+        assert says in message, message
+        if "host is missing" in says:  # the port is fine: no word about its range
+            assert "65535" not in message, message
+
+
+UPPER_BOUNDS = {
+    "server.max_connections": MAX_CONNECTIONS,
+    "server.workers": MAX_WORKERS,
+    "upstreams.request_timeout_ms": MAX_REQUEST_TIMEOUT_MS,
+}
+
+
+@pytest.mark.parametrize("path", sorted(UPPER_BOUNDS))
+@pytest.mark.parametrize("value", [1, 2, "max"])
+def test_counts_and_timeouts_accept_integers_from_1_to_their_bound(
+    path: str, value: int | str
+) -> None:
+    assert_accepted(doc_with(path, UPPER_BOUNDS[path] if value == "max" else value))
+
+
+def test_the_bounds_are_what_the_code_can_use() -> None:
+    assert MAX_REQUEST_TIMEOUT_MS == 24 * 3600 * 1000  # documented in the README
+    # Every worker owns a slot; a bind change runs the old and the new pool at once.
+    assert 2 * MAX_WORKERS <= MAX_SLOTS
+    assert 2 * MAX_CONNECTIONS < 1 << 20  # two descriptors each, under fs.nr_open
+
+
+@pytest.mark.parametrize("path", sorted(UPPER_BOUNDS))
+@pytest.mark.parametrize("excess", [1, 10**9, 10**400])
+def test_counts_and_timeouts_above_their_bound_are_rejected_with_the_bound(
+    path: str, excess: int
+) -> None:
+    errors = assert_rejected(doc_with(path, UPPER_BOUNDS[path] + excess), path)
+    (message,) = errors
+    assert f"must be at most {UPPER_BOUNDS[path]}" in message
+    assert len(message) < 300  # a 400-digit number is described, not printed
 
 
 @pytest.mark.parametrize(
@@ -408,6 +466,15 @@ def test_a_static_key_needs_its_key() -> None:
 )
 def test_a_static_key_must_be_a_non_empty_header_safe_ascii_string(value: object) -> None:
     assert_rejected(doc_with("api_keys.static[0].key", value), "api_keys.static[0].key")
+
+
+def test_a_static_key_longer_than_the_proxy_reads_is_rejected_without_echoing_it() -> None:
+    longest = "k" * MAX_TOKEN_BYTES
+    assert_accepted(doc_with("api_keys.static[0].key", longest))
+    errors = assert_rejected(
+        doc_with("api_keys.static[0].key", longest + "k"), "api_keys.static[0].key"
+    )
+    assert f"at most {MAX_TOKEN_BYTES} bytes" in errors[0] and "kkkk" not in errors[0]
 
 
 def test_static_keys_must_be_unique() -> None:
