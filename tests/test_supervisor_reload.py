@@ -203,11 +203,11 @@ def test_missing_file_at_start_serves_defaults_that_reject_everything(
     sup.port = 8080
     with default_port_lock():
         sup.start()
-        _missing_file_serves_defaults(sup)
+        _missing_file_serves_defaults(sup, upstream)
         sup.stop()
 
 
-def _missing_file_serves_defaults(sup: Supervisor) -> None:
+def _missing_file_serves_defaults(sup: Supervisor, upstream: FakeUpstreamThread) -> None:
     line = next(x for x in sup.lines if "config file not loaded" in x)
     assert line.startswith("WARN") and f"path={sup.config_path}" in line and "error=missing" in line
     assert not [x for x in sup.lines if "config loaded" in x]
