@@ -66,16 +66,19 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 
 def upstream_headers(
-    headers: list[tuple[bytes, bytes]], upstream: Upstream
+    headers: list[tuple[bytes, bytes]],
+    upstream: Upstream,
+    connection_tokens: frozenset[bytes] | None,
 ) -> list[tuple[str, str]]:
-    """Request headers for the upstream, from the client's (names lower-case).
+    """Request headers for the upstream, from the client's (names lower-case);
+    `connection_tokens`: what the client's `Connection` header named, if it sent one.
 
     aiohttp takes `str` pairs and writes the head as UTF-8, so values are
     decoded as UTF-8 to go up byte for byte (see `wire_text`).
     """
     drop = upstream.drop_headers
-    if any(name == b"connection" for name, _ in headers):
-        drop = drop | _connection_tokens(headers)
+    if connection_tokens is not None:
+        drop = drop | connection_tokens
     out = [upstream.host_item]
     try:
         out += [(n.decode(), v.decode()) for n, v in headers if n not in drop]

@@ -16,9 +16,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 TRACE: Final = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -404,3 +407,99 @@ def log_fields(logger: logging.Logger, level: int, message: str, **fields: Any) 
     if logger.isEnabledFor(level):
         clean = {k: v for k, v in fields.items() if v is not None}
         logger.log(level, message, extra={"fields": clean})
+
+
+# The request line (README "Logs"), built from the request's Exchange.
+
+
+def request_values(ex: Exchange, client_ip: str | None, duration: float) -> tuple[Any, ...]:
+    """What the line needs, taken at the request's end (see `RequestLog`).
+
+    Plain values only, so the request's scope and Exchange are freed now rather
+    than held until the batch is written; formatting waits for the batch.
+    """
+    return (
+        client_ip,
+        ex.method,
+        ex.target,
+        ex.request_length,
+        ex.key_id,
+        ex.upstream,
+        ex.target_url,
+        ex.status,
+        ex.outcome,
+        ex.auth_error,
+        duration,
+        ex.ttfb_ms,
+        ex.request_bytes,
+        ex.response_bytes,
+        ex.response_length,
+        ex.usage,
+    )
+
+
+def request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    """The log line's fields (those that are not None), from `request_values`."""
+    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
+     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
+     usage) = values  # fmt: skip
+    fields: dict[str, Any] = {"client_ip": client_ip, "method": method,
+                              "request_url": loggable_target(target)}  # fmt: skip
+    if client_ip is None:
+        del fields["client_ip"]
+    if request_length is not None:
+        fields["request_body_length"] = request_length
+    if key_id is not None:
+        fields["api_key"] = key_id
+    if upstream is not None:
+        fields["upstream"] = upstream
+    if target_url is not None:
+        fields["target_url"] = loggable_url(target_url)
+    fields["status"] = status
+    fields["outcome"] = outcome
+    if auth_error is not None:
+        fields["auth_error"] = auth_error
+    fields["duration_ms"] = round(duration * 1000, 3)
+    if ttfb_ms is not None:
+        fields["ttfb_ms"] = round(ttfb_ms, 3)
+    fields["request_bytes"] = request_bytes
+    fields["response_bytes"] = response_bytes
+    if response_length is not None:
+        fields["response_body_length"] = response_length
+    if usage is not None and (counts := usage.result()) is not None:
+        fields.update((k, v) for k, v in counts.fields().items() if v is not None)
+    return fields
+
+
+def request_text(values: tuple[Any, ...]) -> str:
+    """`request_fields` as the text format writes them, without the dict.
+
+    Must produce exactly what TextFormatter makes of `request_fields(values)`
+    (tests/test_logs.py checks it on generated values).
+    """
+    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
+     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
+     usage) = values  # fmt: skip
+    parts = [] if client_ip is None else ["client_ip=" + text_str[client_ip]]
+    parts.append("method=" + text_str[method])
+    parts.append("request_url=" + text_str[loggable_target(target)])
+    if request_length is not None:
+        parts.append(f"request_body_length={request_length}")
+    if key_id is not None:
+        parts.append("api_key=" + text_str[key_id])
+    if upstream is not None:
+        parts.append("upstream=" + text_str[upstream])
+    if target_url is not None:
+        parts.append("target_url=" + text_str[loggable_url(target_url)])
+    parts.append(f"status={status} outcome={text_str[outcome]}")
+    if auth_error is not None:
+        parts.append("auth_error=" + auth_error)  # one of fluxgate.auth's fixed words
+    parts.append(f"duration_ms={round(duration * 1000, 3)}")
+    if ttfb_ms is not None:
+        parts.append(f"ttfb_ms={round(ttfb_ms, 3)}")
+    parts.append(f"request_bytes={request_bytes} response_bytes={response_bytes}")
+    if response_length is not None:
+        parts.append(f"response_body_length={response_length}")
+    if usage is not None and (counts := usage.result()) is not None:
+        parts.extend(f"{k}={n}" for k, n in counts.fields().items() if n is not None)
+    return " ".join(parts)

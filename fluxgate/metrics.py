@@ -33,7 +33,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
-    from .proxy import Exchange
+    from .exchange import Exchange
     from .usage import Tap
 
 ENV_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"

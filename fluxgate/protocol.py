@@ -20,10 +20,10 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import raw_error_response
+from .exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange, OnLost
 from .limits import ConnectionGate
 from .logs import TRACE, log_fields, loggable_target, request_log
 from .metrics import WorkerMetrics
-from .proxy import CONNECTION_SCOPE_KEY, TARGET_SCOPE_KEY, Exchange
 
 HEAD_TIMEOUT: Final = 15.0  # seconds from connection or message start to a full head
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -115,9 +115,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.metrics = metrics  # counts the requests answered here, before the app
         self._admitted = False
         self._rejected = False
-        # Set by the app while it relays an exchange: called once if the client
-        # goes away, so the exchange is cancelled at once (see fluxgate.proxy).
-        self.on_lost: Callable[[], None] | None = None
+        # Set by the relay while an upstream exchange is open: called once if the
+        # client goes away, so it is cancelled at once (fluxgate.exchange).
+        self.on_lost: OnLost | None = None
         self._awaiting_head = True
         self._head_bytes = 0  # raw bytes received while the head is incomplete
         self._head_size = 0  # bytes of request line and headers parsed so far
@@ -256,14 +256,23 @@ class FluxgateProtocol(HttpToolsProtocol):
             raise self._reject(
                 505, "http_version_not_supported", HTTP_11_ONLY, warn="HTTP version other than 1.1"
             )
-        hosts, upgrade, foreign_coding = 0, False, False
-        for name, value in self.headers:  # one pass: this runs for every request
+        # One pass over the headers finds what this layer and the later steps
+        # need: it runs for every request.
+        hosts, upgrade, chunked, foreign_coding = 0, False, False, False
+        length: int | None = None
+        tokens: set[bytes] | None = None
+        for name, value in self.headers:
             if name == b"host":
                 hosts += 1
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else None  # httptools refused others
+            elif name == b"transfer-encoding":
+                chunked = True
+                foreign_coding = foreign_coding or _codings(value) != [b"chunked"]
+            elif name == b"connection":
+                tokens = (tokens or set()) | {t.strip().lower() for t in value.split(b",")}
             elif name == b"upgrade":
                 upgrade = True
-            elif name == b"transfer-encoding":
-                foreign_coding = foreign_coding or _codings(value) != [b"chunked"]
         method = parser.get_method()
         if method == b"CONNECT" or upgrade:
             raise self._reject(
@@ -306,7 +315,13 @@ class FluxgateProtocol(HttpToolsProtocol):
             )
         # uvicorn appends chunked trailers to this same list later: copy it.
         self.scope["headers"] = list(self.headers)
-        self.scope[TARGET_SCOPE_KEY] = self.url  # type: ignore[typeddict-unknown-key]
+        self.scope[EXCHANGE_SCOPE_KEY] = Exchange(  # type: ignore[typeddict-unknown-key]
+            method.decode("ascii"),
+            self.url,
+            length,
+            chunked or bool(length),
+            None if tokens is None else frozenset(tokens),
+        )
         self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
         cycle = self.cycle

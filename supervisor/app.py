@@ -16,6 +16,7 @@ import resource
 import sys
 from typing import Any
 
+import gunicorn.util
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from setproctitle import setproctitle
@@ -192,9 +193,17 @@ def raise_fd_limit(max_connections: int) -> None:
         )
 
 
+def _no_title(title: str) -> None:
+    """gunicorn's own process titles are not used (see `run`)."""
+
+
 def run(config_path: str, workers: int | None = None, pid_file: str | None = None) -> int:
     """Serve until told to stop; the exit status (0 only for a requested shutdown)."""
-    # The title first: until gunicorn's Arbiter runs, nothing else would set one.
+    # Fluxgate titles its processes itself (the arbiter and each worker, with the
+    # config path and generation); gunicorn would title them "gunicorn: master
+    # [...]" and "gunicorn: worker [...]" in between, and it has no setting for
+    # that, so its title function is made a no-op in the master before any fork.
+    gunicorn.util._setproctitle = _no_title
     setproctitle(master_title(config_path))
     configure_master_logging()
     remove_stale()

@@ -214,10 +214,6 @@ class FluxgateArbiter(Arbiter):
                 self.metrics.worker_exited(pid, asked=asked)
 
     def manage_workers(self) -> None:
-        if not self._ready_sent:
-            # gunicorn's run() titles the master "gunicorn: master [...]" right after
-            # start() and then calls this: put ours back before the first fork.
-            self._set_title()
         super().manage_workers()
         self.metrics.set_workers(len(self.WORKERS))
         if not self._ready_sent and self.WORKERS and self._all_booted():

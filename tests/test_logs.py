@@ -30,7 +30,8 @@ from fluxgate.logs import (
     parse_level,
     text_str,
 )
-from fluxgate.proxy import _request_fields, _request_text
+from fluxgate.logs import request_fields as _request_fields
+from fluxgate.logs import request_text as _request_text
 from fluxgate.usage import JsonTap
 from tests.conftest import CLIENT_KEY, OPENAI_KEY, proxy_config
 from tests.supervisor_process import Supervisor

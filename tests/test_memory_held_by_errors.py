@@ -28,7 +28,9 @@ import fluxgate
 import fluxgate_supervisor
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.config import build_config
-from fluxgate.proxy import CONNECTION_SCOPE_KEY, TARGET_SCOPE_KEY, ProxyApp
+from fluxgate.exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange
+from fluxgate.forward import Forwarder
+from fluxgate.proxy import ProxyApp
 from fluxgate.upstream import UpstreamClient
 from tests import rawhttp
 from tests.conftest import CLIENT_KEY, make_jwt, proxy_config
@@ -108,21 +110,21 @@ def test_a_refused_request_leaves_nothing_of_itself_alive(
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def run() -> weakref.ref[Headers]:
-        app.loop = asyncio.get_running_loop()
-        app.client = UpstreamClient()
+        app.forwarder = Forwarder(UpstreamClient(), asyncio.get_running_loop(), app.metrics)
         watched: list[weakref.ref[Headers]] = []
         try:
             for extra in (headers, [(b"authorization", f"Bearer {expired}".encode())]):
                 request_headers = Headers([(b"host", b"h"), (b"x-big", BIG), *extra])
                 watched.append(weakref.ref(request_headers))
                 scope = {"type": "http", "method": method, "headers": request_headers,
-                         "client": ("127.0.0.1", 1), TARGET_SCOPE_KEY: target,
+                         "client": ("127.0.0.1", 1),
+                         EXCHANGE_SCOPE_KEY: Exchange(method, target),
                          CONNECTION_SCOPE_KEY: Connection()}  # fmt: skip
                 await app.handle(scope, receive, send)
                 del request_headers, scope
             app.request_log.flush()
         finally:
-            await app.client.close()
+            await app.forwarder.client.close()
         return watched[0]
 
     watched = asyncio.run(run())

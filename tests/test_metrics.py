@@ -397,7 +397,7 @@ def test_metrics_address_with_metrics_off_is_an_error() -> None:
 BATCHING_SCRIPT = r"""
 import asyncio, json, sys
 from fluxgate.metrics import WorkerMetrics, render
-from fluxgate.proxy import Exchange
+from fluxgate.exchange import Exchange
 
 def requests(text):
     lines = text.decode().splitlines()

@@ -20,6 +20,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 import fluxgate.protocol
+from fluxgate.exchange import EXCHANGE_SCOPE_KEY
 from fluxgate.limits import ConnectionGate, ConnectionTable
 from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
 
@@ -158,7 +159,40 @@ def test_valid_request_reaches_the_app(conn: Connection) -> None:
     assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
     assert not conn.transport.is_closing()
     [scope] = conn.app_calls
-    assert scope["fluxgate.target"] == b"/openai/v1/models"
+    ex = scope[EXCHANGE_SCOPE_KEY]
+    assert (ex.method, ex.target, ex.request_length, ex.has_body) == (
+        "GET", b"/openai/v1/models", None, False
+    )  # fmt: skip
+    assert ex.connection_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("head", "length", "has_body", "tokens"),
+    [
+        (b"Content-Length: 5\r\n", 5, True, None),
+        (b"Content-Length: 0\r\n", 0, False, None),
+        (b"Transfer-Encoding: chunked\r\n", None, True, None),
+        (
+            b"Connection: keep-alive, X-Foo\r\nConnection: x-bar\r\nContent-Length: 0\r\n",
+            0,
+            False,
+            frozenset({b"keep-alive", b"x-foo", b"x-bar"}),
+        ),
+    ],  # fmt: skip
+)
+def test_one_scan_of_the_head_gives_the_exchange_what_later_steps_need(
+    conn: Connection,
+    head: bytes,
+    length: int | None,
+    has_body: bool,
+    tokens: frozenset[bytes] | None,
+) -> None:
+    body = b"hello" if length == 5 else b"5\r\nhello\r\n0\r\n\r\n" if length is None else b""
+    conn.feed(b"POST /openai/v1/x HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n" + body)
+    [scope] = conn.app_calls
+    ex = scope[EXCHANGE_SCOPE_KEY]
+    assert (ex.method, ex.request_length, ex.has_body) == ("POST", length, has_body)
+    assert ex.connection_tokens == tokens
 
 
 def test_head_and_body_sent_back_to_back_go_out_in_one_write(

@@ -1,0 +1,101 @@
+"""The record of one request as it crosses a worker, and how its parts find it.
+
+The protocol (fluxgate.protocol) makes an `Exchange` once a request head has
+been read and accepted, filled with what its one scan of the headers found,
+and hands it to the app in the ASGI scope under `EXCHANGE_SCOPE_KEY`. The app
+(fluxgate.proxy) and the relay (fluxgate.forward) write what happened into
+it; metrics (fluxgate.metrics) and the request line (fluxgate.logs) read it
+when the request ends. Every one of them imports this module; none of them
+imports the app.
+
+A client that goes away is reported through the connection's `on_lost`
+callback (`ClientConnection`): the relay sets it while an upstream exchange
+is open, so that the exchange is cancelled at once, even while the upstream
+is silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+if TYPE_CHECKING:
+    from .usage import Tap
+
+# ASGI scope keys the protocol adds to the standard ones.
+EXCHANGE_SCOPE_KEY: Final = "fluxgate.exchange"
+CONNECTION_SCOPE_KEY: Final = "fluxgate.connection"
+
+Scope = dict[str, Any]
+OnLost = Callable[[], None]
+
+
+class ClientConnection(Protocol):
+    """The client's connection as the relay sees it."""
+
+    on_lost: OnLost | None  # called once if the client goes away
+
+
+class Exchange:
+    """What one request was and what it did: for the relay, metrics and the log line."""
+
+    __slots__ = (
+        "auth_error",
+        "client_gone",
+        "connection_tokens",
+        "finished",
+        "has_body",
+        "key_id",
+        "method",
+        "outcome",
+        "request_bytes",
+        "request_length",
+        "response_bytes",
+        "response_length",
+        "response_started",
+        "status",
+        "target",
+        "target_url",
+        "timed_out",
+        "ttfb_ms",
+        "upstream",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        method: str = "",
+        target: bytes = b"",
+        request_length: int | None = None,
+        has_body: bool = False,
+        connection_tokens: frozenset[bytes] | None = None,
+    ) -> None:
+        # The request, as the protocol's scan of its head found it.
+        self.method = method
+        self.target = target  # the request-target exactly as received
+        self.request_length = request_length  # its Content-Length, if any
+        self.has_body = has_body  # a Content-Length above 0, or chunked
+        self.connection_tokens = connection_tokens  # what `Connection` names; None: no header
+        # What happened to it.
+        self.status = 0
+        self.outcome = "ok"
+        self.key_id: str | None = None
+        self.auth_error: str | None = None  # why authentication failed (fluxgate.auth)
+        self.upstream: str | None = None
+        self.target_url: str | None = None
+        self.ttfb_ms: float | None = None
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.response_started = False
+        self.client_gone = False
+        self.timed_out = False  # request_timeout_ms passed first
+        self.finished = False
+        self.response_length: int | None = None
+        self.usage: Tap | None = None  # set when the upstream has `usage` on
+
+    @classmethod
+    def rejected(cls, status: int, outcome: str) -> Exchange:
+        """A request the protocol layer answered before the app saw it."""
+        ex = cls()
+        ex.status, ex.outcome = status, outcome
+        return ex
