@@ -178,7 +178,7 @@ def test_valid_request_reaches_the_app(conn: Connection) -> None:
             False,
             frozenset({b"keep-alive", b"x-foo", b"x-bar"}),
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_one_scan_of_the_head_gives_the_exchange_what_later_steps_need(
     conn: Connection,
