@@ -54,6 +54,9 @@ class ErrorResponse:
     outcome: str  # the request log line's `outcome`
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...]
+    # The whole response, closing the connection: for the protocol layer,
+    # which answers before any ASGI cycle exists.
+    wire: bytes
 
     @classmethod
     def make(
@@ -66,21 +69,9 @@ class ErrorResponse:
     ) -> ErrorResponse:
         body = error_body(error_type, message)
         headers = (*error_headers(body), *extra_headers)
-        return cls(status, error_type, message, outcome or error_type, body, headers)
-
-    def raw(self) -> bytes:
-        """The whole response as bytes that close the connection, for the protocol
-        layer, which answers before any ASGI cycle exists."""
-        head = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
-        return STATUS_LINES[self.status] + head + b"connection: close\r\n\r\n" + self.body
-
-
-def raw_error_response(
-    status: int, error_type: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection, with `extra` headers
-    (see `ErrorResponse.raw`)."""
-    return ErrorResponse.make(status, error_type, message, extra_headers=extra).raw()
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        wire = STATUS_LINES[status] + head + b"connection: close\r\n\r\n" + body
+        return cls(status, error_type, message, outcome or error_type, body, headers, wire)
 
 
 class ProxyError(Exception):
@@ -100,6 +91,39 @@ class StreamAborted(Exception):
     transport instead of completing a truncated body as if it were whole.
     """
 
+
+# The protocol's answers (fluxgate.protocol), each closing the connection.
+MALFORMED: Final = ErrorResponse.make(400, "bad_request", "malformed HTTP request")
+NOT_A_PATH: Final = ErrorResponse.make(400, "bad_request", "request target must be a path")
+ONE_HOST: Final = ErrorResponse.make(400, "bad_request", "exactly one Host header is required")
+METHOD_NOT_FORWARDED: Final = ErrorResponse.make(
+    405,
+    "method_not_allowed",
+    "this method is not forwarded",
+    extra_headers=((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),),
+)
+HEAD_TIMED_OUT: Final = ErrorResponse.make(
+    408, "request_timeout", "request head not received in time"
+)
+HEAD_TOO_LARGE: Final = ErrorResponse.make(
+    431, "request_header_fields_too_large", "request head too large"
+)
+NO_UPGRADE: Final = ErrorResponse.make(
+    501, "not_implemented", "CONNECT and protocol upgrades are not supported"
+)
+ONLY_CHUNKED: Final = ErrorResponse.make(
+    501, "not_implemented", "only the chunked transfer coding is supported"
+)
+OVER_CAPACITY: Final = ErrorResponse.make(
+    503, "over_capacity", "the server is at its connection limit"
+)
+# nginx's proxy_pass speaks HTTP/1.0 unless told otherwise: say what to change.
+HTTP_11_ONLY: Final = ErrorResponse.make(
+    505,
+    "http_version_not_supported",
+    "only HTTP/1.1 is served; behind nginx, set proxy_http_version 1.1 "
+    '(and proxy_set_header Connection "")',
+)
 
 # The app's own answers (fluxgate.proxy).
 UNAUTHORIZED: Final = ErrorResponse.make(401, "unauthorized", "invalid credential")

@@ -19,7 +19,19 @@ from typing import Any, Final
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import raw_error_response
+from .errors import (
+    HEAD_TIMED_OUT,
+    HEAD_TOO_LARGE,
+    HTTP_11_ONLY,
+    MALFORMED,
+    METHOD_NOT_FORWARDED,
+    NO_UPGRADE,
+    NOT_A_PATH,
+    ONE_HOST,
+    ONLY_CHUNKED,
+    OVER_CAPACITY,
+    ErrorResponse,
+)
 from .exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange, OnLost
 from .limits import ConnectionGate
 from .logs import TRACE, log_fields, loggable_target, request_log
@@ -37,13 +49,6 @@ DISCARD_TIMEOUT: Final = 5.0
 # other methods have no use in front of an LLM API. CONNECT stays 501 (§4.2).
 FORWARDED_METHODS: Final = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
-)
-_ALLOW: Final = ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
-
-# nginx's proxy_pass speaks HTTP/1.0 unless told otherwise: say what to change.
-HTTP_11_ONLY: Final = (
-    "only HTTP/1.1 is served; behind nginx, set proxy_http_version 1.1 "
-    '(and proxy_set_header Connection "")'
 )
 
 log = logging.getLogger("fluxgate.protocol")
@@ -157,7 +162,7 @@ class FluxgateProtocol(HttpToolsProtocol):
             pass  # on_headers_complete has already refused it
         except httptools.HttpParserError as exc:
             if not self._rejected:
-                self._reject(400, "bad_request", "malformed HTTP request", warn=str(exc))
+                self._reject(MALFORMED, warn=str(exc))
             return
         if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
             self._reject_head_too_large()
@@ -215,9 +220,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         # is always due here (`_head_bytes` does not count the bytes of the read
         # that began a keep-alive connection's next message: it cannot tell an
         # idle connection). Idle keep-alive connections are uvicorn's timer's job.
-        self._reject(
-            408, "request_timeout", "request head not received in time", warn="request head timeout"
-        )
+        self._reject(HEAD_TIMED_OUT, warn="request head timeout")
 
     # Parser callbacks
 
@@ -246,16 +249,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         parser = self.parser
         if not self._admitted:
-            raise self._reject(
-                503,
-                "over_capacity",
-                "the server is at its connection limit",
-                warn="connection limit reached",
-            )
+            raise self._reject(OVER_CAPACITY, warn="connection limit reached")
         if parser.get_http_version() != "1.1":
-            raise self._reject(
-                505, "http_version_not_supported", HTTP_11_ONLY, warn="HTTP version other than 1.1"
-            )
+            raise self._reject(HTTP_11_ONLY, warn="HTTP version other than 1.1")
         # One pass over the headers finds what this layer and the later steps
         # need: it runs for every request.
         hosts, upgrade, chunked, foreign_coding = 0, False, False, False
@@ -275,44 +271,18 @@ class FluxgateProtocol(HttpToolsProtocol):
                 upgrade = True
         method = parser.get_method()
         if method == b"CONNECT" or upgrade:
-            raise self._reject(
-                501,
-                "not_implemented",
-                "CONNECT and protocol upgrades are not supported",
-                warn="CONNECT or protocol upgrade",
-            )
+            raise self._reject(NO_UPGRADE, warn="CONNECT or protocol upgrade")
         if method not in FORWARDED_METHODS:
-            raise self._reject(
-                405,
-                "method_not_allowed",
-                "this method is not forwarded",
-                warn="method not forwarded",
-                extra=_ALLOW,
-            )
+            raise self._reject(METHOD_NOT_FORWARDED, warn="method not forwarded")
         if foreign_coding:
             # httptools accepts any list that ends in chunked ("gzip, chunked");
             # the other codings would be lost when aiohttp re-frames the body,
             # so the upstream would take gzip bytes for the body (RFC 9112 §6.1).
-            raise self._reject(
-                501,
-                "not_implemented",
-                "only the chunked transfer coding is supported",
-                warn="transfer coding other than chunked",
-            )
+            raise self._reject(ONLY_CHUNKED, warn="transfer coding other than chunked")
         if not self.url.startswith(b"/"):
-            raise self._reject(
-                400,
-                "bad_request",
-                "request target must be a path",
-                warn="absolute-form or asterisk request target",
-            )
+            raise self._reject(NOT_A_PATH, warn="absolute-form or asterisk request target")
         if hosts != 1:
-            raise self._reject(
-                400,
-                "bad_request",
-                "exactly one Host header is required",
-                warn="missing or repeated Host header",
-            )
+            raise self._reject(ONE_HOST, warn="missing or repeated Host header")
         # uvicorn appends chunked trailers to this same list later: copy it.
         self.scope["headers"] = list(self.headers)
         self.scope[EXCHANGE_SCOPE_KEY] = Exchange(  # type: ignore[typeddict-unknown-key]
@@ -332,21 +302,9 @@ class FluxgateProtocol(HttpToolsProtocol):
     # Rejections
 
     def _reject_head_too_large(self) -> _Rejected:
-        return self._reject(
-            431,
-            "request_header_fields_too_large",
-            "request head too large",
-            warn="request head over the size limit",
-        )
+        return self._reject(HEAD_TOO_LARGE, warn="request head over the size limit")
 
-    def _reject(
-        self,
-        status: int,
-        error_type: str,
-        message: str,
-        warn: str | None = None,
-        extra: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> _Rejected:
+    def _reject(self, response: ErrorResponse, warn: str | None = None) -> _Rejected:
         """Answer with a JSON error and close the connection.
 
         Returns the exception a parser callback raises to stop parsing.
@@ -361,11 +319,11 @@ class FluxgateProtocol(HttpToolsProtocol):
                 logging.WARNING,
                 "request rejected",
                 client_ip=client,
-                status=status,
+                status=response.status,
                 reason=warn,
             )
         if self.metrics is not None and self.metrics.recording:
-            self.metrics.add(Exchange.rejected(status, error_type), 0.0)
+            self.metrics.add(Exchange.rejected(response.status, response.outcome), 0.0)
         if request_log.isEnabledFor(TRACE):
             method = self.scope.get("method") if self.scope else None
             if method is None and self._awaiting_head is False:
@@ -377,8 +335,8 @@ class FluxgateProtocol(HttpToolsProtocol):
                 client_ip=client,
                 method=method,
                 request_url=loggable_target(url) if url else None,
-                status=status,
-                outcome=error_type,
+                status=response.status,
+                outcome=response.outcome,
                 duration_ms=0,
             )
         cycle = self.cycle
@@ -394,7 +352,7 @@ class FluxgateProtocol(HttpToolsProtocol):
             # the answer to the client's next request. Cut the connection.
             self.transport.close()
         elif not self.transport.is_closing():
-            self.transport.write(raw_error_response(status, error_type, message, extra))
+            self.transport.write(response.wire)
             self.transport.close()
         return _Rejected()
 
