@@ -46,8 +46,6 @@ class WorkerContext(Protocol):
 
     snapshot_path: str
     connection_table: ConnectionTable
-    next_slot: int
-    current_config: Config
 
     def close_master_only_files(self) -> None:
         """Close what a worker inherits by fork but must not hold (the master's
@@ -71,6 +69,10 @@ class _Server(uvicorn.Server):
 
 
 class FluxgateWorker(Worker):
+    slot: int  # its slot in the connection table
+    fluxgate_config: Config  # the config it starts on
+    spawned_at: float  # when the master forked it (monotonic)
+
     def init_signals(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -85,9 +87,9 @@ class FluxgateWorker(Worker):
         ctx: WorkerContext = self.app
         ctx.close_master_only_files()
         configure_logging()
-        config = ctx.current_config
+        # Set on this object by the master's pre_fork hook (supervisor.app).
+        config: Config = self.fluxgate_config
         self.snapshot_path = ctx.snapshot_path
-        self.slot = ctx.next_slot
         self.gate = ConnectionGate(ctx.connection_table, self.slot, config.server.max_connections)
         self.proxy = ProxyApp(config)
         self.proxy.metrics.connections = lambda: self.gate.active

@@ -33,6 +33,8 @@ log = logging.getLogger("fluxgate.supervisor")
 
 GUNICORN_CONF = "gunicorn.conf.py"
 YAML_OWNED = frozenset({"bind", "workers"})
+# gunicorn hooks Fluxgate uses itself; an operator's in gunicorn.conf.py runs after ours.
+FLUXGATE_HOOKS = frozenset({"pre_fork", "child_exit"})
 # Seconds an idle client connection is kept open; workers take gunicorn's
 # `keepalive` setting, so gunicorn.conf.py can change it.
 KEEPALIVE_TIMEOUT = 15
@@ -71,11 +73,12 @@ class FluxgateApplication(BaseApplication):
         self.runtime_dir = runtime.path
         self.metrics_dir = prepare_metrics_directory(runtime.metrics)
         self.publisher = ConfigPublisher(config_path, self.runtime_dir, prepare=runtime.ensure)
-        # Read by every worker after fork (see fluxgate.worker.WorkerContext).
+        # The generation serving now: gunicorn's settings (bind, workers) follow it.
         self.current_config: Config = self.publisher.load_initial()
+        # Read by every worker after fork (see fluxgate.worker.WorkerContext).
         self.snapshot_path = self.publisher.snapshot_path
         self.connection_table = ConnectionTable()
-        self.next_slot = 0
+        self.operator_hooks: dict[str, Any] = {}  # gunicorn.conf.py's, run after ours
         self.metrics: Any = None  # supervisor.metrics.MasterMetrics, made by the arbiter
         super().__init__(usage=None, prog="fluxgate-supervisor")
 
@@ -103,6 +106,8 @@ class FluxgateApplication(BaseApplication):
             "proc_name": "fluxgate",
             "logger_class": GunicornLogger,
             "pidfile": self.pid_file,
+            "pre_fork": _pre_fork,
+            "child_exit": _child_exit,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
@@ -138,6 +143,9 @@ class FluxgateApplication(BaseApplication):
             if key in YAML_OWNED:
                 log.warning("%s: %r is set in the YAML config; ignoring it here", filename, key)
                 continue
+            if key in FLUXGATE_HOOKS:
+                self.operator_hooks[key] = value
+                continue
             self.cfg.set(key, value)
 
     def load(self) -> None:
@@ -145,6 +153,22 @@ class FluxgateApplication(BaseApplication):
 
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # fluxgate.metrics.ENV_DIR; see below
+
+
+def _pre_fork(server: Any, worker: Any) -> None:
+    server.prepare_worker(worker)  # FluxgateArbiter: the worker's slot and config
+    _operator_hook(server, "pre_fork", worker)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    server.worker_gone(worker)  # FluxgateArbiter: its slot back, its metrics archived
+    _operator_hook(server, "child_exit", worker)
+
+
+def _operator_hook(server: Any, name: str, worker: Any) -> None:
+    hook = server.app.operator_hooks.get(name)
+    if hook is not None:
+        hook(server, worker)
 
 
 def prepare_metrics_directory(directory: str) -> str:

@@ -12,7 +12,9 @@ What changes from the stock Arbiter, and why (STACK-NOTES, gunicorn):
   of `server.workers` grows or shrinks the pool.
 - systemd hears READY=1 only once workers serve, RELOADING=1 around a
   reload and STOPPING=1 at shutdown; gunicorn's own early READY is withheld.
-- Each worker is given a slot in the shared connection table before it forks.
+- Each worker is given its slot in the shared connection table and its
+  config through gunicorn's own `pre_fork` hook, and gives the slot back
+  through `child_exit` (both installed by supervisor.app).
 - Metrics (supervisor.metrics): the master counts reloads and worker restarts,
   archives a dead worker's series, and may serve them on their own address.
 - SIGUSR1 (logrotate's "reopen your files"): Fluxgate logs only to stderr, so
@@ -66,7 +68,6 @@ class FluxgateArbiter(Arbiter):
         self.watcher = ConfigWatcher(self.publisher.path, self._on_file_event)
         self._ready_sent = False
         self._stop_requested = False  # a signal asked for the shutdown: exit 0 is right
-        self._spawned_at: dict[int, float] = {}
         self._asked_to_stop: set[int] = set()  # pids sent a stop signal: not restarts
         self.metrics = app.metrics = MasterMetrics(app.metrics_dir)
         self.publisher.on_outcome = self.metrics.reload_outcome
@@ -180,38 +181,32 @@ class FluxgateArbiter(Arbiter):
 
     # Workers
 
-    def spawn_worker(self) -> int:
-        used = {getattr(w, "slot", -1) for w in self.WORKERS.values()}
-        free = (i for i in range(self.app.connection_table.size) if i not in used)
-        slot = next(free, None)
+    def prepare_worker(self, worker: Any) -> None:
+        """gunicorn's `pre_fork` hook (supervisor.app): the new worker's slot in the
+        connection table and the config it starts on, carried into it by fork."""
+        used = {w.slot for w in self.WORKERS.values()}
+        slot = next((i for i in range(self.app.connection_table.size) if i not in used), None)
         if slot is None:  # not a StopIteration: gunicorn's loop would take that for "exit 0"
             raise RuntimeError(
                 f"no free slot in the connection table ({len(used)} workers hold all of them)"
             )
         self.app.connection_table.reset_slot(slot)
-        self.app.next_slot = slot
-        self.app.current_config = self.publisher.config
-        pid: int = super().spawn_worker()
-        self.WORKERS[pid].slot = slot
-        self._spawned_at[pid] = time.monotonic()
-        return pid
+        worker.slot = slot
+        worker.fluxgate_config = self.publisher.config
+        worker.spawned_at = time.monotonic()
+
+    def worker_gone(self, worker: Any) -> None:
+        """gunicorn's `child_exit` hook: a worker has exited and was reaped."""
+        # Its connections died with it; a stale count would lower the limit.
+        self.app.connection_table.release_slot(worker.slot)
+        asked = worker.pid in self._asked_to_stop
+        self._asked_to_stop.discard(worker.pid)
+        self.metrics.worker_exited(worker.pid, asked=asked)
 
     def kill_worker(self, pid: int, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
             self._asked_to_stop.add(pid)
         super().kill_worker(pid, sig)
-
-    def reap_workers(self) -> None:
-        before = dict(self.WORKERS)
-        super().reap_workers()
-        for pid, worker in before.items():
-            if pid not in self.WORKERS:
-                # Its connections died with it; a stale count would lower the limit.
-                self.app.connection_table.release_slot(worker.slot)
-                self._spawned_at.pop(pid, None)
-                asked = pid in self._asked_to_stop
-                self._asked_to_stop.discard(pid)
-                self.metrics.worker_exited(pid, asked=asked)
 
     def manage_workers(self) -> None:
         super().manage_workers()
@@ -230,9 +225,7 @@ class FluxgateArbiter(Arbiter):
 
     def _all_booted(self) -> bool:
         # A worker's first heartbeat comes from inside its running event loop.
-        return all(
-            w.tmp.last_update() > self._spawned_at.get(pid, 0.0) for pid, w in self.WORKERS.items()
-        )
+        return all(w.tmp.last_update() > w.spawned_at for w in self.WORKERS.values())
 
     # Config changes
 
