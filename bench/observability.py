@@ -251,7 +251,7 @@ def section() -> list[str]:
         "",
         *rows,
         "",
-        f"Slowest of the two against off: **{within:.1%}** of off's throughput (SPEC: within "
+        f"Slowest of the two against off: **{within:.1%}** of off's throughput (target: within "
         f"10%). A scrape of `/_fluxgate/metrics` took {sc['metrics']['ms_p50']:.1f} ms "
         f"({sc['metrics']['bytes']} bytes) and {usage['ms_p50']:.1f} ms "
         f"({usage['bytes']} bytes) with usage on. Usage was really read: "

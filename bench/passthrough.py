@@ -1,4 +1,4 @@
-"""The yardstick of SPEC §7: a minimal uvicorn + aiohttp pass-through.
+"""The yardstick of BENCHMARKS.md: a minimal uvicorn + aiohttp pass-through.
 
 A raw ASGI app, one aiohttp ClientSession per worker, the client's
 credential swapped for a Bearer key, bodies streamed both ways, no auth

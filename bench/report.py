@@ -139,7 +139,7 @@ def _targets(d: dict[str, Any], raw: dict[str, Any]) -> list[str]:
          raw["memory"]["streams_1000"]["fluxgate"]["held_to_end"] == 1000,
          f"{raw['memory']['streams_1000']['fluxgate']['held_to_end']}"),
     ]  # fmt: skip
-    lines = ["| SPEC §7 target | measured | met |", "|---|---|---|"]
+    lines = ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, ok, v in checks]
     return lines
 
@@ -234,7 +234,7 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         "",
         "Fluxgate against the same requests sent directly to the upstream, through nginx",
         "`proxy_pass` and through a minimal uvicorn + aiohttp pass-through",
-        "([bench/passthrough.py](bench/passthrough.py), the yardstick of SPEC §7). Everything runs",
+        "([bench/passthrough.py](bench/passthrough.py), the yardstick). Everything runs",
         "on 127.0.0.1 on one machine; every scenario interleaves the systems round by round (the",
         "order rotated each round) so drift hits all alike, and each figure is the **median** of",
         f"{s['repeats']} rounds with (min–max). Reproduce with:",

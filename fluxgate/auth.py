@@ -1,13 +1,13 @@
 """Client authentication: which credential a request carries and who it belongs to.
 
-SPEC §4.5. The credential comes from `Authorization: Bearer`, else from
+README "Request handling", step 5. The credential comes from `Authorization: Bearer`, else from
 `x-api-key`, else from `api-key`. It is looked up among static keys by its
 SHA-256 digest (a hash lookup: nothing compares the token to a secret byte by
 byte), then, if it has JWT shape, verified as an HS256 JWT whose `kid` names
 a configured key. Anything else fails closed.
 
-Verifying a JWT costs ~45 µs of PyJWT (a third of a whole relayed request),
-and a client sends the same token with every request until it expires. So a
+Verifying a JWT with PyJWT costs a large part of a whole relayed request
+(BENCHMARKS.md, "Measurements behind the design"), and a client sends the same token with every request until it expires. So a
 token that verified is remembered, with the window its claims allow
 (`nbf`/`iat` to `exp`), in its config's `verified_jwts`: the same bytes
 verify the same way under the same keys until the clock leaves that window.

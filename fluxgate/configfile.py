@@ -241,7 +241,7 @@ class _PureLoader(Reader, Scanner, Parser, _StrictLoader):
 
 _Loader: Callable[[str], _StrictLoader] = _PureLoader
 _BYTE_OFFSETS = False  # how the parser counts ReaderError.position
-try:  # libyaml's event parser, when PyYAML was built with it: about 4x faster
+try:  # libyaml's event parser, when PyYAML was built with it: several times faster
     from yaml._yaml import CParser
 
     class _FastLoader(_StrictLoader, CParser):

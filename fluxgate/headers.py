@@ -1,4 +1,4 @@
-"""Header rewriting between client and upstream (SPEC §4.7, §4.9).
+"""Header rewriting between client and upstream (README "Request handling", steps 7 and 9).
 
 Everything passes through in order, duplicates kept, except hop-by-hop
 headers (and those a `Connection` header names), the client's credential

@@ -1,4 +1,4 @@
-"""The server-wide connection limit (SPEC §4.4), shared by all workers.
+"""The server-wide connection limit (README "Request handling", step 4), shared by all workers.
 
 The master allocates one shared array of counters before it forks; each
 worker owns one slot and is its only writer, so no lock is needed and a

@@ -1,6 +1,6 @@
 """Logging: the TRACE level, text and JSON formats, and the per-request line.
 
-Only three environment variables shape logging (SPEC §5): FLUXGATE_LOG (level),
+Only three environment variables shape logging (README "Logs"): FLUXGATE_LOG (level),
 FLUXGATE_LOG_STYLE (colour) and FLUXGATE_LOG_FORMAT (text or json). Every
 Fluxgate logger lives under "fluxgate"; gunicorn's and uvicorn's error loggers
 are given the same handler so an operator reads one format.
@@ -301,17 +301,17 @@ def loggable_url(url: str) -> str:
 
 
 class RequestLog:
-    """The per-request TRACE line (SPEC §5), written in batches.
+    """The per-request TRACE line (README "Logs"), written in batches.
 
     A line formatted in the middle of request handling costs about three
-    times what it costs in a loop (measured: ~35 µs against ~12 µs of CPU),
-    because the logging code is cold in the CPU caches by then. So a request
+    times what it costs in a loop, because the logging code is cold in the
+    CPU caches by then. So a request
     only queues its raw values and its end time; `render` turns them into
     fields (the ones to show: None is left out by `render`) and the lines are
     formatted and written together, at most `delay` seconds later (as nginx's
     buffered access_log does), or at the next loop turn once `batch` lines
-    wait: formatting all of a busy 50 ms at once stalled the loop for ~2 ms
-    (the 1-connection p99 with TRACE on); 32 lines take ~0.2 ms. Shutdown
+    wait: formatting all of a busy 50 ms at once stalled the loop (it showed
+    as the 1-connection p99 with TRACE on; BENCHMARKS.md). Shutdown
     flushes the queue; a worker killed outright loses at most `delay` of lines.
     """
 

@@ -10,9 +10,9 @@ worker that happened to answer.
 The hot path stays cheap: a request that finishes is only queued
 (`WorkerMetrics.add`, a list append), like its log line. At most
 `FLUSH_DELAY` later the queue is added up into per-series sums, a slice at a
-time, and each series touched is written to the files once (a file write
-costs ~1.7 µs, a histogram observation twice that: ~17 µs per request if
-written one by one). In-flight streams are plain integers, written to their
+time, and each series touched is written to the files once (each write to
+the files is a system call; written one by one they would cost more than the
+rest of a request's own work). In-flight streams are plain integers, written to their
 gauges at each flush and heartbeat.
 Series are labelled by upstream name and key id only (both bounded by the
 config), never by path, client or secret.
@@ -189,16 +189,13 @@ class WorkerMetrics:
         return self._series
 
     # The hot path only queues (a list append). Counted where it ends, a
-    # request cost 15 µs with usage on (9 µs of it parsing the usage object),
-    # against 5 µs in a loop over many: its code and data are cold in the CPU
-    # caches by then. So the queue is counted later, in slices of `SLICE`
-    # requests (7 µs each under load), yielding to the event loop between
-    # slices: counting a whole 50 ms batch at once stalled the loop for ~1 ms,
-    # which showed as the p99 latency at one connection (usage on: 1.37 ms
-    # with whole batches, 1.17 ms with slices of 32; 0.77 ms with metrics off).
-    # Slices of 8 gave 0.85 ms but cost 11 µs a request (cold again between
-    # slices; one benchmark run lost 14% of the throughput): 32 keeps both the
-    # p99 and the throughput within SPEC §7's bounds.
+    # request costs about three times what it costs in a loop over many: its
+    # code and data are cold in the CPU caches by then. So the queue is
+    # counted later, in slices of `SLICE` requests, yielding to the event loop
+    # between slices: counting a whole batch at once stalled the loop, which
+    # showed as the p99 latency at one connection, and small slices are cold
+    # again each time and cost throughput. 32 keeps both within the targets
+    # (BENCHMARKS.md, "Measurements behind the design").
 
     def add(self, ex: Exchange, duration: float) -> None:
         """Queue a finished request; it is counted within `delay` seconds."""

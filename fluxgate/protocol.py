@@ -1,6 +1,6 @@
-"""uvicorn's httptools protocol, hardened for a gateway (SPEC §4.1–4.4).
+"""uvicorn's httptools protocol, hardened for a gateway (README "Request handling", steps 1–4).
 
-uvicorn leaves several doors open that a proxy must close (STACK-NOTES):
+uvicorn leaves several doors open that a proxy must close (docs/architecture.md, "Library traps"):
 no deadline for a request head, no cap on its size, HTTP/1.0 and 0.9
 accepted, CONNECT answered 400, Upgrade requests passed on, a missing or
 doubled Host accepted, and the header list shared with later trailers. This

@@ -1,6 +1,6 @@
 """Routing: which upstream a request path belongs to, and the path to send it to.
 
-SPEC §4.6–4.7. Matching is on the raw request-target bytes (no decoding, so
+README "Request handling", steps 6–7. Matching is on the raw request-target bytes (no decoding, so
 `/%6Fpenai` is not `/openai`), on segment boundaries, longest prefix first;
 `/path` and `/path/` match alike. The routes of a principal are already
 ordered longest-first in the config, so the first hit wins.

@@ -2,10 +2,10 @@
 
 A stock `ClientSession` adds headers, decompresses bodies, keeps cookies,
 follows redirects and cuts requests after 300 s. Each of those would make the
-proxy unfaithful (STACK-NOTES, aiohttp), so none of it is used: requests go
+proxy unfaithful (docs/architecture.md, "Library traps"), so none of it is used: requests go
 through aiohttp's connector, `ClientRequest` and `ClientResponse` directly
 (`UpstreamClient`), with nothing added and nothing decoded. The mapping from
-client exceptions to the statuses of SPEC §4.10 lives beside it.
+client exceptions to the statuses of README "Request handling", step 10 lives beside it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _RelayResponseHandler(ResponseHandler):
     sends while it sits in the pool (a stray response, or the answer to a
     request a client smuggled in a body the upstream did not read as one) are
     parsed and queued as the *next* response, which the next client would get
-    (SPEC §9). A whole queued message already shows in `should_close`; this
+    (docs/security.md). A whole queued message already shows in `should_close`; this
     flag covers a partial one, which a fresh parser would otherwise take up
     mid-message.
     """

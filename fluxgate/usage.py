@@ -15,9 +15,9 @@ keeps only bounded state:
   chunks up to `MAX_BUFFER` bytes and, once, when the finished request is
   counted or logged (never while the response is still moving), parses only
   the last ``"usage": {…}`` object of the body (both providers put it last;
-  a key in a JSON string would be escaped, so a match is a real key): about
-  2 µs, hardly growing with the body, where a full parse of the benchmark's
-  500-byte completion took 4 µs and grows with every byte.
+  a key in a JSON string would be escaped, so a match is a real key): a cost
+  that hardly grows with the body, where a full parse grows with every byte
+  (BENCHMARKS.md, "Measurements behind the design").
 - A gzip- or deflate-encoded JSON body (what OpenAI sends the official SDKs,
   which ask for gzip) is kept the same way, compressed, and inflated at
   parse time into at most `MAX_BUFFER` bytes (a bomb stops there). Any other
@@ -67,8 +67,8 @@ _GZIP_OR_ZLIB: Final = 47
 class Usage(NamedTuple):
     """Token counts of one exchange; None where the provider reported nothing.
 
-    A NamedTuple, not a frozen dataclass: it is made on the request path, and
-    building one cost 0.6 µs as a frozen dataclass against 0.15 µs.
+    A NamedTuple, not a frozen dataclass: it is made on the request path, where
+    a frozen dataclass costs about four times as much to build.
     """
 
     input_tokens: int | None = None

@@ -1,4 +1,4 @@
-"""Validation of a parsed configuration document against SPEC §3.
+"""Validation of a parsed configuration document against README "Configuration".
 
 `validate(doc)` takes whatever the YAML loader produced and returns every
 problem it finds, each as ``field.path: message`` (an empty list means the
@@ -13,7 +13,7 @@ not a plain word is quoted, e.g. ``upstreams["my api"]``.
 Secret values (``api_key`` and every ``key`` under ``api_keys``) never appear
 in a message, not even in part; other values may be quoted, truncated.
 
-Choices where SPEC §3 is silent:
+Choices the README states where the contract is silent:
 - An optional section or list written with no value (``server:``,
   ``static:``) counts as empty; an optional *scalar* written with no value is
   an error, because ``api_key:`` left blank by mistake must not silently turn
@@ -35,7 +35,7 @@ Choices where SPEC §3 is silent:
   is an error together with ``metrics: false`` (which of the two is meant?).
 - ``usage`` is ``openai``, ``anthropic`` or ``off``; an unquoted ``off`` is
   the boolean false to YAML 1.1 and is accepted as ``off``.
-- Every number has an upper bound the code can use (SPEC §9): a value past it
+- Every number has an upper bound the code can use (docs/security.md): a value past it
   would otherwise pass here and fail later, in the master, where it costs the
   process (see the ``MAX_*`` constants below).
 - A static key may be at most ``fluxgate.auth.MAX_TOKEN_BYTES`` long: a longer
@@ -84,7 +84,7 @@ JWT_KEY_KEYS = ("id", "key")
 
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 
-# Upper bounds (SPEC §9: every number is bounded to what the code can use).
+# Upper bounds (docs/security.md: every number is bounded to what the code can use).
 # The deadline of one upstream exchange; it also bounds a graceful shutdown.
 # A day is longer than any LLM exchange, and far below where a timer or
 # float conversion overflows.

@@ -1,6 +1,6 @@
 """The worker process: a gunicorn `Worker` serving uvicorn (uvloop, httptools).
 
-Written instead of using uvicorn-worker because of what STACK-NOTES measured:
+Written instead of using uvicorn-worker because of the traps docs/architecture.md lists:
 its SIGHUP default kills a worker that is still booting, its quit handling
 does not stop uvicorn, and a worker draining outside a full shutdown stops
 sending heartbeats and is killed by the master's watchdog mid-stream. Here:

@@ -178,7 +178,7 @@ def prepare_metrics_directory(directory: str) -> str:
     Must run before prometheus_client is first imported: the library picks
     its file storage at import time. The variable is an internal mechanism
     between the supervisor and its own workers, not operator configuration
-    (SPEC §3 keeps the environment for logging settings): any value it had is
+    (README "Logs": only logging settings come from the environment): any value it had is
     replaced. The directory goes with the runtime directory at exit.
     """
     os.environ[METRICS_ENV] = directory

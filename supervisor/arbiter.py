@@ -1,6 +1,6 @@
 """The master process: gunicorn's Arbiter, with in-place config reload instead of restarts.
 
-What changes from the stock Arbiter, and why (STACK-NOTES, gunicorn):
+What changes from the stock Arbiter, and why (docs/architecture.md, "Library traps"):
 - SIGHUP and file changes re-read the YAML through `ConfigPublisher` and
   signal the workers to swap their config; the stock HUP would restart
   every worker and block the master for up to the graceful timeout.

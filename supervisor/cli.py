@@ -1,4 +1,4 @@
-"""The `fluxgate-supervisor` command line (SPEC §2): start, check, reload, token.
+"""The `fluxgate-supervisor` command line (README "Command line"): start, check, reload, token.
 
 Everything except `start` runs here and exits quickly; `start` hands over to
 `fluxgate_supervisor.app.run`, imported only then so that `--help`, `check` and
@@ -33,7 +33,7 @@ TOKEN_SUBJECT = "fluxgate-cli"
 # A token's lifetime: ten years is longer than any operator's need, and keeps
 # `exp` far inside what every JWT library reads as a date.
 MAX_TOKEN_TTL = 10 * 365 * 24 * 3600
-# The allowed values of the logging variables (SPEC §5), compared case-insensitively.
+# The allowed values of the logging variables (README "Logs"), compared case-insensitively.
 LOG_STYLES = ("auto", "always", "never")
 LOG_FORMATS = ("text", "json")
 _NUMBER_DIGITS = 12  # longer input is out of every bound below: not even converted

@@ -1,4 +1,4 @@
-"""Keep every log event of the master on one line (SPEC §9), whoever logs it.
+"""Keep every log event of the master on one line (docs/security.md), whoever logs it.
 
 Under journald or Loki each line of output is a record of its own: a
 traceback or a message with line breaks would become a dozen records without

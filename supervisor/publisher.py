@@ -1,6 +1,6 @@
 """The master's view of the config file: read, validate, decide, publish.
 
-SPEC §3 "Changes at run time". Every check reads the file and hashes its
+README "Changes while running". Every check reads the file and hashes its
 bytes; only content that differs from what is serving (or from what was
 last rejected) is parsed. A valid version becomes the next generation and is
 published as a snapshot for the workers; an invalid one is logged with every

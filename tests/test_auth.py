@@ -1,4 +1,5 @@
-"""Authentication (SPEC §4.5): where the credential is read, static keys, HS256 JWTs, fail closed.
+"""Authentication (README "Request handling", step 5): where the credential is read,
+static keys, HS256 JWTs, fail closed.
 
 Unit tests call `authenticate(build_config(doc), headers)` with headers as the
 server hands them over: lower-case names, byte pairs. The end-to-end tests at

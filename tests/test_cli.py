@@ -1,4 +1,5 @@
-"""The `fluxgate-supervisor` command line (SPEC §2), run as the installed console script."""
+"""The `fluxgate-supervisor` command line (README "Command line"), run as the installed
+console script."""
 
 from __future__ import annotations
 

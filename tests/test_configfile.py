@@ -1,4 +1,4 @@
-"""Reading the configuration file (SPEC §3): encodings, line ends, size, YAML traps.
+"""Reading the configuration file (README "Configuration"): encodings, line ends, size, YAML traps.
 
 Every failure is either a `ConfigFileError` with a `.reason` (the file could
 not be used) or a `ConfigInvalid` listing the problems (the content was wrong).

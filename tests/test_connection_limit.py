@@ -1,4 +1,5 @@
-"""The connection limit (SPEC §4.4) holds for the whole server, across workers.
+"""The connection limit (README "Request handling", step 4) holds for the whole server,
+across workers.
 
 How it is counted (fluxgate/limits.py): the supervisor allocates one shared
 array of counters before forking; each worker owns one slot, which only it

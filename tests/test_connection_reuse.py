@@ -1,4 +1,4 @@
-"""Connections are reused only when nothing is left on them (SPEC §9).
+"""Connections are reused only when nothing is left on them (docs/security.md).
 
 A keep-alive connection to the upstream is shared by every client of the
 worker. If the upstream sent anything while the connection sat in the pool

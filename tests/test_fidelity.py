@@ -1,4 +1,4 @@
-"""Byte-level fidelity of the relay (SPEC §4.6–4.9).
+"""Byte-level fidelity of the relay (README "Request handling", steps 6–9).
 
 Requests are written over raw sockets so that nothing but the test decides
 what the proxy receives, and the fake provider records exactly what the

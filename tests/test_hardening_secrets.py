@@ -149,7 +149,7 @@ def error_cases() -> list[Any]:
     two_hosts = get(models).replace(H.encode(), f"{H}Host: {OPENAI_KEY}\r\n".encode())
     upgrade = f"Upgrade: websocket\r\nConnection: Upgrade\r\n{SPRAY}".encode()
     cases = [
-        # The protocol's own refusals (SPEC §4.1–4.3)
+        # The protocol's own refusals (README "Request handling", steps 1–3)
         (400, "bad_request", f"GET {models}{QUERY} HTTP/1.1\r\n"
          f"Authorization: Bearer {CLIENT_KEY}\r\n{SPRAY}\r\n".encode()),  # no Host
         (400, "bad_request", post("/openai/echo").replace(

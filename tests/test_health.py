@@ -1,4 +1,4 @@
-"""The health endpoint (SPEC §6): `GET /_fluxgate/health`, no auth, never proxied."""
+"""The health endpoint (README "Operations"): `GET /_fluxgate/health`, no auth, never proxied."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Logs (SPEC §5): the per-request line, text and JSON formats, level and colour.
+"""Logs (README "Logs"): the per-request line, text and JSON formats, level and colour.
 
 The supervisor tests run a real `fluxgate-supervisor start` with the logging
 environment variables set; the unit tests at the bottom format LogRecords

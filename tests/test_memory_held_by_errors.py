@@ -1,4 +1,4 @@
-"""Memory held by errors (SPEC §9): a refusal keeps nothing of its request alive.
+"""Memory held by errors (docs/security.md): a refusal keeps nothing of its request alive.
 
 A raised exception holds the frames it passed through, and their locals (the
 request's headers, its credential), in its `__traceback__`. An exception

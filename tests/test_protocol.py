@@ -1,4 +1,5 @@
-"""The hardened HTTP protocol (SPEC §4.1–4.4), tested the way uvicorn tests its own.
+"""The hardened HTTP protocol (README "Request handling", steps 1–4), tested the way
+uvicorn tests its own.
 
 A `FluxgateProtocol` is built on a uvicorn `Config` with a recording ASGI app
 and connected to an in-memory transport; bytes go in through

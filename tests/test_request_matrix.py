@@ -1,4 +1,4 @@
-"""Raw requests against a real supervisor (SPEC §4.1–4.3), gunicorn-style.
+"""Raw requests against a real supervisor (README "Request handling", steps 1–3), gunicorn-style.
 
 Each `tests/requests/{valid,invalid}/NNN.http` holds the exact bytes a client
 sends (CRLFs and all; `$CLIENT_KEY` stands for the suite's client key), and

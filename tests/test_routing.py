@@ -1,4 +1,5 @@
-"""Routing (SPEC §4.6–4.7): which upstream a path belongs to, and the target it is sent to.
+"""Routing (README "Request handling", steps 6–7): which upstream a path belongs to, and
+the target it is sent to.
 
 Unit tests drive `match` and `upstream_target` with the routes of a principal
 built by `build_config`, as the proxy does; the last test goes end to end.

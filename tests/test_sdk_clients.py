@@ -1,4 +1,4 @@
-"""The official SDKs work through the proxy unchanged (SPEC §4.5, §4.7).
+"""The official SDKs work through the proxy unchanged (README "Request handling", steps 5 and 7).
 
 Each SDK is pointed at the proxy with the *client* key, exactly as an
 application would be. The answer must parse, and the upstream must have seen

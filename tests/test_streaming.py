@@ -1,4 +1,5 @@
-"""Streaming through the proxy (SPEC §4.8, §4.11): events are never held back,
+"""Streaming through the proxy (README "Request handling", steps 8 and 11): events are
+never held back,
 an abandoned stream is cancelled upstream at once, and big bodies move in
 bounded memory.
 

@@ -1,4 +1,4 @@
-"""The master's failure paths (SPEC §9): bounded numbers, exit status, runtime
+"""The master's failure paths (docs/security.md): bounded numbers, exit status, runtime
 directory hygiene, one line per log event, the process title from the start.
 
 Every test runs the real `fluxgate-supervisor start`; RUNTIME_DIRECTORY points

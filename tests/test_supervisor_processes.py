@@ -1,4 +1,5 @@
-"""The process side of the supervisor (SPEC §1, §2, §6): pool, listeners, signals, systemd."""
+"""The process side of the supervisor (README "Command line" and "Operations"): pool,
+listeners, signals, systemd."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Live config reload in place (SPEC §1, §3 "Changes at run time"): real processes and files."""
+"""Live config reload in place (README "Changes while running"): real processes and files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""systemd/fluxgate.service passes `systemd-analyze verify` and says what SPEC §6 asks.
+"""systemd/fluxgate.service passes `systemd-analyze verify` and says what README "Operations" asks.
 
 `systemd-analyze verify` exits 0 even when it ignores an unknown directive or
 an unparsable value (it only prints a warning), so the test reads its output

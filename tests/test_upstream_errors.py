@@ -1,4 +1,5 @@
-"""Upstream failures (SPEC §4.10): 502 for anything that prevents a response,
+"""Upstream failures (README "Request handling", step 10): 502 for anything that prevents
+a response,
 504 when the deadline passes before one starts, a cut connection when the
 exchange fails after the response started; always a small JSON error body,
 never a secret, and the proxy goes on serving.

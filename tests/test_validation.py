@@ -1,4 +1,4 @@
-"""SPEC §3 validation rules, one accepted and one rejected side for each.
+"""Validation rules (README "Configuration"), one accepted and one rejected side for each.
 
 Each rejected case names the exact field path that must be reported. The
 property tests at the end feed arbitrary and almost-right documents through

@@ -27,7 +27,7 @@ import pytest
 from fluxgate_supervisor.watcher import ConfigWatcher
 
 SETTLE = 0.02
-# SPEC §3: detected within 100 ms of the write settling.
+# README "Configuration": detected within 100 ms of the write settling.
 MAX_LATENCY = 0.1 + SETTLE
 NO_POLL = 30.0
 WAIT = 2.0
