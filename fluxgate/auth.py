@@ -7,10 +7,11 @@ byte), then, if it has JWT shape, verified as an HS256 JWT whose `kid` names
 a configured key. Anything else fails closed.
 
 Verifying a JWT with PyJWT costs a large part of a whole relayed request
-(BENCHMARKS.md, "Measurements behind the design"), and a client sends the same token with every request until it expires. So a
-token that verified is remembered, with the window its claims allow
-(`nbf`/`iat` to `exp`), in its config's `verified_jwts`: the same bytes
-verify the same way under the same keys until the clock leaves that window.
+(BENCHMARKS.md, "Measurements behind the design"), and a client sends the
+same token with every request until it expires. So a token that verified
+is remembered, with the window its claims allow (`nbf`/`iat` to `exp`), in
+its config's `verified_jwts`: the same bytes verify the same way under the
+same keys until the clock leaves that window.
 """
 
 from __future__ import annotations
