@@ -125,7 +125,9 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += " exception=" + _quoted(self.formatException(record.exc_info))
         # One event, one line: journald and Loki make each line its own record.
-        return line.replace("\n", "\\n") if "\n" in line else line
+        if "\n" in line or "\r" in line:
+            line = line.replace("\r", "\\r").replace("\n", "\\n")
+        return line
 
     def line(
         self,

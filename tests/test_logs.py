@@ -206,11 +206,11 @@ def test_an_event_with_newlines_and_a_traceback_is_one_line(json_format: bool) -
     try:
         raise ValueError("first\nsecond")
     except ValueError:
-        rec = record(logging.ERROR, "problems:\n  a\n  b", cause="x\ny")
+        rec = record(logging.ERROR, "problems:\r\n  a\n  b", cause="x\ny")
         rec.exc_info = sys.exc_info()
     handler.emit(rec)
     out = stream.getvalue()
-    assert out.count("\n") == 1 and out.endswith("\n"), out
+    assert out.count("\n") == 1 and out.endswith("\n") and "\r" not in out, out
     assert "problems:" in out and "second" in out and "ValueError" in out
 
 
