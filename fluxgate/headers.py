@@ -7,10 +7,19 @@ headers, `Host` and `Expect`, which the proxy replaces or consumes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
-if TYPE_CHECKING:
-    from .config import Upstream
+
+class Target(Protocol):
+    """What header rewriting needs of an upstream (fluxgate.config.Upstream)."""
+
+    @property
+    def host_item(self) -> tuple[str, str]: ...
+    @property
+    def drop_headers(self) -> frozenset[bytes]: ...
+    @property
+    def credential(self) -> tuple[str, str] | None: ...
+
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -67,7 +76,7 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 def upstream_headers(
     headers: list[tuple[bytes, bytes]],
-    upstream: Upstream,
+    upstream: Target,
     connection_tokens: frozenset[bytes] | None,
 ) -> list[tuple[str, str]]:
     """Request headers for the upstream, from the client's (names lower-case);

@@ -23,7 +23,8 @@ What changes from the stock Arbiter, and why (docs/architecture.md, "Library tra
 - Exit status 0 means a requested shutdown (SIGTERM, SIGINT, SIGQUIT) and
   nothing else: gunicorn's main loop takes any StopIteration as "shut down",
   exit 0, and systemd's Restart=on-failure would then leave the service down.
-- The title `fluxgate: supervisor [config=…]` replaces gunicorn's own at once.
+- The title is `fluxgate: supervisor [config=…]` from the start: gunicorn's
+  own titles are turned off (supervisor.app).
 - A second supervisor on the same --pid-file says so in one line and exits 1.
 - SIGTTIN (one more worker) stops at the connection table's worker bound.
 """
@@ -40,7 +41,6 @@ from typing import Any
 from gunicorn import sock as gsock
 from gunicorn.arbiter import Arbiter
 from gunicorn.pidfile import Pidfile
-from setproctitle import setproctitle
 
 from fluxgate.config import Config
 from fluxgate.logs import log_fields
@@ -48,7 +48,6 @@ from fluxgate.validation import MAX_WORKERS
 from fluxgate.worker import HEARTBEAT_INTERVAL
 
 from . import oneline, sdnotify
-from .app import master_title
 from .metrics import MasterMetrics
 from .watcher import ConfigWatcher
 
@@ -271,7 +270,6 @@ class FluxgateArbiter(Arbiter):
             self.num_workers = workers
         self.kill_workers(signal.SIGHUP)
         self.metrics.apply(config)
-        self._set_title()
 
     def _rebind(self, config: Config) -> None:
         self.cfg.set("bind", [config.server.bind_address])
@@ -295,9 +293,6 @@ class FluxgateArbiter(Arbiter):
         for _ in range(self.num_workers):
             self.spawn_worker()
         self.manage_workers()
-
-    def _set_title(self) -> None:
-        setproctitle(master_title(self.publisher.path))
 
 
 def _format(address: Any) -> str:
