@@ -30,8 +30,9 @@ from yaml.reader import Reader, ReaderError
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
+from fluxgate.checks import field_path
 from fluxgate.config import Config, build_config
-from fluxgate.validation import field_path, validate
+from fluxgate.validation import validate
 
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
 # How many nodes aliases may add on top of those written in the file; far

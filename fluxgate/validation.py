@@ -44,28 +44,23 @@ Choices the README states where the contract is silent:
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import re
-from collections.abc import Sequence
-from datetime import date
 from typing import Any
-from urllib.parse import urlsplit
 
 from fluxgate.addresses import (
     HOSTNAME_LABEL,
     bind_address_problem,
     is_ip,
     plain_ascii,
-    port_digits_ok,
     same_listener,
     valid_hostname,
-    valid_url_host,
 )
 from fluxgate.auth import MAX_TOKEN_BYTES
-from fluxgate.config import DEFAULT_BIND_ADDRESS, UPSTREAM_SETTINGS, split_bind_address
+from fluxgate.checks import kind, number_text, quote, shown, suggest
+from fluxgate.config import DEFAULT_BIND_ADDRESS, split_bind_address
 from fluxgate.forwarded import parse_networks
 from fluxgate.limits import MAX_SLOTS
+from fluxgate.validate_upstreams import UpstreamChecks
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
 SERVER_KEYS = (
@@ -76,8 +71,6 @@ SERVER_KEYS = (
     "metrics_address",
     "trusted_proxies",
 )
-UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header", "usage")
-USAGE_VALUES = ("openai", "anthropic", "off")
 API_KEYS_KEYS = ("static", "jwt")
 STATIC_KEY_KEYS = ("id", "key", "upstreams")
 JWT_KEY_KEYS = ("id", "key")
@@ -85,10 +78,6 @@ JWT_KEY_KEYS = ("id", "key")
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 
 # Upper bounds (docs/security.md: every number is bounded to what the code can use).
-# The deadline of one upstream exchange; it also bounds a graceful shutdown.
-# A day is longer than any LLM exchange, and far below where a timer or
-# float conversion overflows.
-MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
 # Each connection holds two file descriptors (client and upstream), and Linux
 # caps a process at fs.nr_open descriptors, 1,048,576 by default: more
 # connections than this could never be open at once.
@@ -96,180 +85,9 @@ MAX_CONNECTIONS = 500_000
 # Each worker owns one slot of the shared connection table, and a change of
 # bind_address runs the new pool beside the retiring one: half the slots.
 MAX_WORKERS = MAX_SLOTS // 2
-HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "upgrade"}) | {
-    "proxy-authenticate",
-    "proxy-authorization",
-    "transfer-encoding",
-    "proxy-connection",
-}
-# The proxy sets these itself; a provider key written into them would be lost
-# or would corrupt the framing of the upstream request.
-FORBIDDEN_AUTH_HEADERS = HOP_BY_HOP_HEADERS | {"host", "content-length"}
-
-_QUOTE_LIMIT = 60
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar
-_HOST_PORT_SEGMENT = re.compile(r"/[^/]*:[0-9]+(?:/|$)")
 
 
-def quote(value: str) -> str:
-    """Quote a (non-secret) string for a message: escaped, at most ~60 characters."""
-    text = value if len(value) <= _QUOTE_LIMIT else value[:_QUOTE_LIMIT] + "..."
-    out = []
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        else:  # control characters and lone surrogates would break a log line
-            out.append(char.encode("unicode_escape", "backslashreplace").decode("ascii"))
-    return '"' + "".join(out) + '"'
-
-
-def _scalar_text(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return _number_text(value)
-    if isinstance(value, float):
-        text = repr(value)
-        return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
-    if isinstance(value, str):
-        return quote(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    return type(value).__name__
-
-
-def _number_text(value: int) -> str:
-    """An integer for a message; a huge one by its size (its digits could fill a page)."""
-    if value.bit_length() <= 64:
-        return str(value)
-    return f"a number of about {int(value.bit_length() * 0.30103)} digits"
-
-
-def field_path(parent: str, key: object) -> str:
-    """The path of `key` inside the mapping at `parent` ("" for the top level)."""
-    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
-        return f"{parent}.{key}" if parent else key
-    return f"{parent}[{_scalar_text(key)}]"
-
-
-_KINDS: tuple[tuple[type, str], ...] = (
-    (bool, "a boolean"),  # before int: bool is a subclass of int
-    (int, "an integer"),
-    (float, "a number"),
-    (str, "a string"),
-    (list, "a list"),
-    (dict, "a mapping"),
-    (date, "a date"),
-    (bytes, "binary data"),
-)
-
-
-def kind(value: object) -> str:
-    """What a value is, in the operator's words ("a list", "a string", ...)."""
-    if value is None:
-        return "null"
-    return next((name for cls, name in _KINDS if isinstance(value, cls)), "an unsupported value")
-
-
-def _shown(value: object) -> str:
-    """`kind` plus the value itself when it is a short scalar (non-secret fields only)."""
-    if value is None or isinstance(value, list | dict | bytes):
-        return kind(value)
-    return f"{kind(value)} {_scalar_text(value)}"
-
-
-def _suggest(word: object, choices: Sequence[str]) -> str:
-    if isinstance(word, str):
-        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-        if close:
-            return f'did you mean "{close[0]}"?'
-    return "expected one of: " + ", ".join(choices) if choices else "none are configured"
-
-
-def _has_control(value: str) -> bool:
-    """C0 and C1 control characters and DEL: never valid in a header or a log line."""
-    return any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in value)
-
-
-class _Validator:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
-
-    # -- generic shapes -------------------------------------------------------
-
-    def section(self, path: str, value: object, known: Sequence[str] | None) -> dict[Any, Any]:
-        """An optional mapping: null counts as empty; unknown keys are reported."""
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.add(path, f"must be a mapping, got {kind(value)}")
-            return {}
-        if known is not None:
-            for key in value:
-                if key not in known:
-                    self.add(field_path(path, key), f"unknown key; {_suggest(key, known)}")
-        return value
-
-    def items(self, path: str, value: object) -> list[Any]:
-        """An optional list: null counts as empty."""
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.add(path, f"must be a list, got {kind(value)}")
-            return []
-        return value
-
-    def string(self, path: str, value: object, *, secret: bool = False) -> str | None:
-        """A non-empty string, or None after reporting why it is not one."""
-        if not isinstance(value, str):
-            shown = kind(value) if secret else _shown(value)
-            self.add(path, f"must be a string, got {shown}")
-            return None
-        if not value.strip():
-            self.add(path, "must not be empty")
-            return None
-        if any("\ud800" <= char <= "\udfff" for char in value):
-            self.add(path, "contains an invalid character (a lone UTF-16 surrogate)")
-            return None
-        return value
-
-    def positive_int(self, path: str, value: object, maximum: int, why: str) -> None:
-        """An integer from 1 to `maximum`; `why` says where the maximum comes from."""
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(path, f"must be an integer, got {_shown(value)}")
-        elif value < 1:
-            self.add(path, f"must be at least 1, got {_number_text(value)}")
-        elif value > maximum:
-            self.add(path, f"must be at most {maximum} ({why}), got {_number_text(value)}")
-
-    def header_secret(self, path: str, value: object, *, charset: str) -> str | None:
-        """A secret sent in an HTTP header; the value is never echoed."""
-        text = self.string(path, value, secret=True)
-        if text is None:
-            return None
-        if _has_control(text):
-            self.add(path, "must not contain control characters such as line breaks")
-            return None
-        limit = 0x7F if charset == "ASCII" else 0xFF
-        checks = (
-            (text != text.strip(), "must not start or end with white space (HTTP drops it)"),
-            (any(ord(c) > limit for c in text), f"must contain only {charset} characters"),
-        )
-        problems = [message for failed, message in checks if failed]
-        for problem in problems:
-            self.add(path, problem)
-        return None if problems else text
-
-    # -- the document ---------------------------------------------------------
-
+class _Validator(UpstreamChecks):
     def document(self, doc: object) -> None:
         if doc is None:
             self.add("version", "required (the file has no settings; start it with: version: 1)")
@@ -284,9 +102,9 @@ class _Validator:
             version = doc["version"]
             if isinstance(version, int) and not isinstance(version, bool):
                 if version != 1:
-                    self.add("version", f"must be 1, got {_number_text(version)}")
+                    self.add("version", f"must be 1, got {number_text(version)}")
             else:
-                self.add("version", f"must be the integer 1, got {_shown(version)}")
+                self.add("version", f"must be the integer 1, got {shown(version)}")
         self.server(doc.get("server"))
         names = self.upstreams(doc.get("upstreams"))
         keys = self.section("api_keys", doc.get("api_keys"), API_KEYS_KEYS)
@@ -322,7 +140,7 @@ class _Validator:
         path = "server.trusted_proxies"
         if not isinstance(value, list):
             self.add(path, f'must be a list of addresses or networks, e.g. ["127.0.0.1"], '
-                     f"got {_shown(value)}")  # fmt: skip
+                     f"got {shown(value)}")  # fmt: skip
             return
         for i, item in enumerate(value):
             text = self.string(f"{path}[{i}]", item)
@@ -337,7 +155,7 @@ class _Validator:
     def metrics(self, server: dict[Any, Any]) -> None:
         enabled = server.get("metrics", True)
         if not isinstance(enabled, bool):
-            self.add("server.metrics", f"must be true or false, got {_shown(enabled)}")
+            self.add("server.metrics", f"must be true or false, got {shown(enabled)}")
         if "metrics_address" not in server:
             return
         path = "server.metrics_address"
@@ -377,132 +195,6 @@ class _Validator:
         elif not valid_hostname(host, HOSTNAME_LABEL):
             self.add(path, f"{quote(host)} is not a valid IPv4 address or host name")
 
-    def upstreams(self, value: object) -> set[str]:
-        """Check the `upstreams` section; return the names later references may use."""
-        section = self.section("upstreams", value, None)
-        if "request_timeout_ms" in section:
-            self.positive_int(
-                "upstreams.request_timeout_ms",
-                section["request_timeout_ms"],
-                MAX_REQUEST_TIMEOUT_MS,
-                "24 hours",
-            )
-        names: set[str] = set()
-        routes: dict[str, tuple[str, str]] = {}  # normalised prefix -> (name, as written)
-        for name, spec in section.items():
-            if name in UPSTREAM_SETTINGS:
-                continue
-            path = field_path("upstreams", name)
-            if not isinstance(name, str) or not name.strip():
-                self.add(path, "an upstream name must be a non-empty string")
-                continue
-            if not name.isprintable():
-                self.add(path, "an upstream name must not contain control characters")
-                continue
-            names.add(name)
-            self.upstream(path, name, spec, routes)
-        return names
-
-    def upstream(
-        self, path: str, name: str, spec: object, routes: dict[str, tuple[str, str]]
-    ) -> None:
-        if not isinstance(spec, dict):
-            # A scalar here is most likely a misspelt setting such as request_timeout.
-            close = difflib.get_close_matches(name, sorted(UPSTREAM_SETTINGS), n=1)
-            hint = f'; did you mean "{close[0]}"?' if close and not isinstance(spec, list) else ""
-            what = "an upstream must be a mapping with target_url and request_path"
-            self.add(path, f"{what}, got {kind(spec)}{hint}")
-            return
-        self.section(path, spec, UPSTREAM_KEYS)
-        for required in ("target_url", "request_path"):
-            if required not in spec:
-                self.add(f"{path}.{required}", "required")
-        if "target_url" in spec:
-            url = self.string(f"{path}.target_url", spec["target_url"])
-            if url is not None:
-                self.target_url(f"{path}.target_url", url)
-        if "request_path" in spec:
-            route = self.string(f"{path}.request_path", spec["request_path"])
-            if route is not None:
-                self.request_path(f"{path}.request_path", route, name, routes)
-        if "api_key" in spec:
-            if spec["api_key"] is None:
-                self.add(
-                    f"{path}.api_key", "has no value; omit api_key for a provider that needs none"
-                )
-            else:
-                self.header_secret(f"{path}.api_key", spec["api_key"], charset="Latin-1")
-        if "auth_header" in spec:
-            header = self.string(f"{path}.auth_header", spec["auth_header"])
-            if header is not None:
-                self.auth_header(f"{path}.auth_header", header)
-        if "usage" in spec and spec["usage"] is not False and spec["usage"] not in USAGE_VALUES:
-            # False: YAML 1.1 reads an unquoted `off` as a boolean.
-            choices = ", ".join(USAGE_VALUES)
-            self.add(f"{path}.usage", f"must be one of {choices}; got {_shown(spec['usage'])}")
-
-    def target_url(self, path: str, url: str) -> None:
-        authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
-        if "://" in url and "@" in authority:
-            self.add(path, "must not contain user credentials (user:password@); use api_key")
-            return
-        if _has_control(url) or any(char.isspace() for char in url):
-            self.add(path, f"must not contain white space or control characters, got {quote(url)}")
-            return
-        # The checks below quote the URL: that is safe now that it holds no password.
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            self.add(path, f"is not a valid URL (bad host or port), got {quote(url)}")
-            return
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            self.add(path, f"must be an absolute http:// or https:// URL, got {quote(url)}")
-            return
-        host = parts.hostname or ""
-        if not host:
-            self.add(path, f"must include a host, got {quote(url)}")
-        elif not valid_url_host(host, bracketed=parts.netloc.startswith("[")):
-            self.add(path, f"{quote(host)} is not a valid host")
-        if port == 0 or not port_digits_ok(parts.netloc):
-            self.add(path, f"has an invalid port, got {quote(url)}")
-        if "?" in url:
-            self.add(path, "must not contain a query string (the client's query is appended)")
-        if "#" in url:
-            self.add(path, "must not contain a fragment (#...)")
-        if not parts.path.isascii():
-            self.add(path, "the path must be ASCII; percent-encode other characters")
-
-    def request_path(
-        self, path: str, value: str, name: str, routes: dict[str, tuple[str, str]]
-    ) -> None:
-        checks = (
-            (not value.startswith("/"), 'must start with "/"'),
-            ("://" in value, 'must be a path, not a URL ("://")'),
-            ("?" in value, 'must not contain "?" (queries are not part of routing)'),
-            ("#" in value, 'must not contain "#"'),
-            (bool(_HOST_PORT_SEGMENT.match(value)), "must not have a host:port form"),
-            (not plain_ascii(value), "must be ASCII without spaces; percent-encode the rest"),
-        )
-        problems = [message for failed, message in checks if failed]
-        for problem in problems:
-            self.add(path, f"{problem}, got {quote(value)}")
-        if problems:
-            return
-        prefix = value.rstrip("/")
-        if prefix in routes:
-            other, written = routes[prefix]
-            same = "" if written == value else ' ("/x" and "/x/" are the same route)'
-            self.add(path, f"{quote(value)} is already used by upstream {quote(other)}{same}")
-        else:
-            routes[prefix] = (name, value)
-
-    def auth_header(self, path: str, value: str) -> None:
-        if not _HTTP_TOKEN.fullmatch(value):
-            self.add(path, f"must be a valid HTTP header name, got {quote(value)}")
-        elif value.lower() in FORBIDDEN_AUTH_HEADERS:
-            self.add(path, f"must not be {quote(value)}: the proxy manages that header itself")
-
     def static_keys(self, value: object, upstream_names: set[str]) -> None:
         seen_keys: dict[str, str] = {}  # key -> path of its first use; the key is never shown
         seen_ids: dict[str, str] = {}
@@ -535,7 +227,7 @@ class _Validator:
                 for j, ref in enumerate(self.items(refs_path, entry["upstreams"])):
                     ref_name = self.string(f"{refs_path}[{j}]", ref)
                     if ref_name is not None and ref_name not in upstream_names:
-                        hint = _suggest(ref_name, sorted(upstream_names))
+                        hint = suggest(ref_name, sorted(upstream_names))
                         self.add(f"{refs_path}[{j}]", f"unknown upstream {quote(ref_name)}; {hint}")
 
     def jwt_keys(self, value: object) -> None:

@@ -21,13 +21,8 @@ from fluxgate.auth import MAX_TOKEN_BYTES
 from fluxgate.config import build_config
 from fluxgate.configfile import ConfigInvalid, LoadedConfig, parse_config_bytes
 from fluxgate.limits import MAX_SLOTS
-from fluxgate.validation import (
-    HOP_BY_HOP_HEADERS,
-    MAX_CONNECTIONS,
-    MAX_REQUEST_TIMEOUT_MS,
-    MAX_WORKERS,
-    validate,
-)
+from fluxgate.validate_upstreams import HOP_BY_HOP_HEADERS, MAX_REQUEST_TIMEOUT_MS
+from fluxgate.validation import MAX_CONNECTIONS, MAX_WORKERS, validate
 
 REFERENCE = Path(__file__).resolve().parent.parent / "config" / "fluxgate.yaml"
 DELETE = object()

@@ -1,0 +1,165 @@
+"""Validation of the `upstreams:` section (README "Configuration"), for fluxgate.validation.
+
+Each upstream: `target_url` an absolute http(s) URL with a host and no query,
+fragment or user info; `request_path` a unique ASCII prefix; an optional
+`api_key` (Latin-1, header-safe), `auth_header` (a header name the proxy
+does not set itself) and `usage` format. Every problem is listed with its
+field path; no secret is echoed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from urllib.parse import urlsplit
+
+from fluxgate.addresses import plain_ascii, port_digits_ok, valid_url_host
+from fluxgate.checks import Checks, field_path, has_control, kind, quote, shown
+from fluxgate.config import UPSTREAM_SETTINGS
+
+UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header", "usage")
+USAGE_VALUES = ("openai", "anthropic", "off")
+# The deadline of one upstream exchange; it also bounds a graceful shutdown.
+# A day is longer than any LLM exchange, and far below where a timer or
+# float conversion overflows.
+MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "upgrade"}) | {
+    "proxy-authenticate",
+    "proxy-authorization",
+    "transfer-encoding",
+    "proxy-connection",
+}
+# The proxy sets these itself; a provider key written into them would be lost
+# or would corrupt the framing of the upstream request.
+FORBIDDEN_AUTH_HEADERS = HOP_BY_HOP_HEADERS | {"host", "content-length"}
+
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar
+_HOST_PORT_SEGMENT = re.compile(r"/[^/]*:[0-9]+(?:/|$)")
+
+
+class UpstreamChecks(Checks):
+    def upstreams(self, value: object) -> set[str]:
+        """Check the `upstreams` section; return the names later references may use."""
+        section = self.section("upstreams", value, None)
+        if "request_timeout_ms" in section:
+            self.positive_int(
+                "upstreams.request_timeout_ms",
+                section["request_timeout_ms"],
+                MAX_REQUEST_TIMEOUT_MS,
+                "24 hours",
+            )
+        names: set[str] = set()
+        routes: dict[str, tuple[str, str]] = {}  # normalised prefix -> (name, as written)
+        for name, spec in section.items():
+            if name in UPSTREAM_SETTINGS:
+                continue
+            path = field_path("upstreams", name)
+            if not isinstance(name, str) or not name.strip():
+                self.add(path, "an upstream name must be a non-empty string")
+                continue
+            if not name.isprintable():
+                self.add(path, "an upstream name must not contain control characters")
+                continue
+            names.add(name)
+            self.upstream(path, name, spec, routes)
+        return names
+
+    def upstream(
+        self, path: str, name: str, spec: object, routes: dict[str, tuple[str, str]]
+    ) -> None:
+        if not isinstance(spec, dict):
+            # A scalar here is most likely a misspelt setting such as request_timeout.
+            close = difflib.get_close_matches(name, sorted(UPSTREAM_SETTINGS), n=1)
+            hint = f'; did you mean "{close[0]}"?' if close and not isinstance(spec, list) else ""
+            what = "an upstream must be a mapping with target_url and request_path"
+            self.add(path, f"{what}, got {kind(spec)}{hint}")
+            return
+        self.section(path, spec, UPSTREAM_KEYS)
+        for required in ("target_url", "request_path"):
+            if required not in spec:
+                self.add(f"{path}.{required}", "required")
+        if "target_url" in spec:
+            url = self.string(f"{path}.target_url", spec["target_url"])
+            if url is not None:
+                self.target_url(f"{path}.target_url", url)
+        if "request_path" in spec:
+            route = self.string(f"{path}.request_path", spec["request_path"])
+            if route is not None:
+                self.request_path(f"{path}.request_path", route, name, routes)
+        if "api_key" in spec:
+            if spec["api_key"] is None:
+                self.add(
+                    f"{path}.api_key", "has no value; omit api_key for a provider that needs none"
+                )
+            else:
+                self.header_secret(f"{path}.api_key", spec["api_key"], charset="Latin-1")
+        if "auth_header" in spec:
+            header = self.string(f"{path}.auth_header", spec["auth_header"])
+            if header is not None:
+                self.auth_header(f"{path}.auth_header", header)
+        if "usage" in spec and spec["usage"] is not False and spec["usage"] not in USAGE_VALUES:
+            # False: YAML 1.1 reads an unquoted `off` as a boolean.
+            choices = ", ".join(USAGE_VALUES)
+            self.add(f"{path}.usage", f"must be one of {choices}; got {shown(spec['usage'])}")
+
+    def target_url(self, path: str, url: str) -> None:
+        authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
+        if "://" in url and "@" in authority:
+            self.add(path, "must not contain user credentials (user:password@); use api_key")
+            return
+        if has_control(url) or any(char.isspace() for char in url):
+            self.add(path, f"must not contain white space or control characters, got {quote(url)}")
+            return
+        # The checks below quote the URL: that is safe now that it holds no password.
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            self.add(path, f"is not a valid URL (bad host or port), got {quote(url)}")
+            return
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            self.add(path, f"must be an absolute http:// or https:// URL, got {quote(url)}")
+            return
+        host = parts.hostname or ""
+        if not host:
+            self.add(path, f"must include a host, got {quote(url)}")
+        elif not valid_url_host(host, bracketed=parts.netloc.startswith("[")):
+            self.add(path, f"{quote(host)} is not a valid host")
+        if port == 0 or not port_digits_ok(parts.netloc):
+            self.add(path, f"has an invalid port, got {quote(url)}")
+        if "?" in url:
+            self.add(path, "must not contain a query string (the client's query is appended)")
+        if "#" in url:
+            self.add(path, "must not contain a fragment (#...)")
+        if not parts.path.isascii():
+            self.add(path, "the path must be ASCII; percent-encode other characters")
+
+    def request_path(
+        self, path: str, value: str, name: str, routes: dict[str, tuple[str, str]]
+    ) -> None:
+        checks = (
+            (not value.startswith("/"), 'must start with "/"'),
+            ("://" in value, 'must be a path, not a URL ("://")'),
+            ("?" in value, 'must not contain "?" (queries are not part of routing)'),
+            ("#" in value, 'must not contain "#"'),
+            (bool(_HOST_PORT_SEGMENT.match(value)), "must not have a host:port form"),
+            (not plain_ascii(value), "must be ASCII without spaces; percent-encode the rest"),
+        )
+        problems = [message for failed, message in checks if failed]
+        for problem in problems:
+            self.add(path, f"{problem}, got {quote(value)}")
+        if problems:
+            return
+        prefix = value.rstrip("/")
+        if prefix in routes:
+            other, written = routes[prefix]
+            same = "" if written == value else ' ("/x" and "/x/" are the same route)'
+            self.add(path, f"{quote(value)} is already used by upstream {quote(other)}{same}")
+        else:
+            routes[prefix] = (name, value)
+
+    def auth_header(self, path: str, value: str) -> None:
+        if not _HTTP_TOKEN.fullmatch(value):
+            self.add(path, f"must be a valid HTTP header name, got {quote(value)}")
+        elif value.lower() in FORBIDDEN_AUTH_HEADERS:
+            self.add(path, f"must not be {quote(value)}: the proxy manages that header itself")
