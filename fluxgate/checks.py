@@ -156,6 +156,13 @@ class Checks:
         elif value > maximum:
             self.add(path, f"must be at most {maximum} ({why}), got {number_text(value)}")
 
+    def whole_number(self, path: str, value: object, maximum: int) -> None:
+        """An integer from 0 to `maximum`."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(path, f"must be an integer, got {shown(value)}")
+        elif not 0 <= value <= maximum:
+            self.add(path, f"must be from 0 to {maximum}, got {number_text(value)}")
+
     def header_secret(self, path: str, value: object, *, charset: str) -> str | None:
         """A secret sent in an HTTP header; the value is never echoed."""
         text = self.string(path, value, secret=True)
@@ -175,3 +182,12 @@ class Checks:
         return None if problems else text
 
     # -- the document ---------------------------------------------------------
+
+    def unique_id(self, path: str, value: object, seen: dict[str, str]) -> None:
+        text = self.string(path, value)
+        if text is None:
+            return
+        if text in seen:
+            self.add(path, f"{quote(text)} is already used by {seen[text]}")
+        else:
+            seen[text] = path.rsplit(".", 1)[0]

@@ -27,9 +27,22 @@ DEFAULT_REQUEST_TIMEOUT_MS = 120_000
 DEFAULT_AUTH_HEADER = "authorization"
 DEFAULT_METRICS = True
 DEFAULT_USAGE = "off"
+DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_ON = (401, 403, 429, 502, 503, 504)
+DEFAULT_RETRY_BODY_LIMIT = 1 << 20
+DEFAULT_RETRY_BACKOFF_MS = 100
+DEFAULT_KEY_WEIGHT = 1
 
-# Keys of the `upstreams:` mapping that are settings, not upstream names.
-UPSTREAM_SETTINGS = frozenset({"request_timeout_ms"})
+# Keys of the `upstreams:` mapping that are settings, not upstream names: the
+# deadlines every upstream takes unless it sets its own.
+TIMEOUT_SETTINGS = (
+    "request_timeout_ms",
+    "connect_timeout_ms",
+    "first_byte_timeout_ms",
+    "idle_timeout_ms",
+)
+UPSTREAM_SETTINGS = frozenset(TIMEOUT_SETTINGS)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -51,19 +64,45 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderKey:
+    """One of an upstream's provider keys, as its pool uses it (fluxgate.keypool)."""
+
+    id: str | None  # what logs and metrics show; None for a lone `api_key`
+    weight: int
+    credential: tuple[str, str] = field(repr=False)  # the header set upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An upstream's deadlines, in seconds (README "Upstream resilience")."""
+
+    request: float  # the whole exchange
+    connect: float  # TCP and TLS
+    first_byte: float  # until the response head: the provider's time to first token
+    idle: float | None  # longest silence between two body chunks; None = off
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     request_path: str
     target_url: str
-    api_key: str | None = field(repr=False)
     auth_header: str
+    # Provider keys, in order; empty for a provider that needs none.
+    keys: tuple[ProviderKey, ...]
+    timeouts: Timeouts
+    # Failover to the next key (fluxgate.forward): how many attempts at most, on
+    # which statuses, for bodies up to how many bytes, waiting how long between.
+    max_attempts: int
+    retry_on: frozenset[int]
+    retry_body_limit: int
+    retry_backoff: float
     # Precomputed for the request path:
     prefix: bytes  # request_path without a trailing "/" ("" for "/"), matched on raw bytes
     origin: str  # scheme://host[:port], port only when non-default
     origin_url: URL  # the same, parsed once for the HTTP client
     base_path: bytes  # target_url path without its trailing "/"
     host_item: tuple[str, str]  # ("host", authority): port only when non-default
-    credential: tuple[str, str] | None = field(repr=False)  # header set upstream
     # Client request headers never forwarded to this upstream (see fluxgate.headers).
     drop_headers: frozenset[bytes]
     usage: str | None = None  # token usage format read from responses; None = off
@@ -121,7 +160,7 @@ def split_bind_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
+def _build_upstream(name: str, doc: Mapping[str, Any], defaults: Mapping[str, Any]) -> Upstream:
     target_url: str = doc["target_url"]
     parts = urlsplit(target_url)
     scheme = parts.scheme.lower()
@@ -130,12 +169,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
     port = parts.port
     default_port = _DEFAULT_PORTS[scheme]
     authority = host_text if port in (None, default_port) else f"{host_text}:{port}"
-    api_key: str | None = doc.get("api_key")
     auth_header: str = doc.get("auth_header", DEFAULT_AUTH_HEADER).lower()
-    credential: tuple[str, str] | None = None
-    if api_key is not None:
-        value = f"Bearer {api_key}" if auth_header == "authorization" else api_key
-        credential = (auth_header, value)
     request_path: str = doc["request_path"]
     # YAML 1.1 reads an unquoted `off` as false: both mean off.
     usage = doc.get("usage", DEFAULT_USAGE)
@@ -143,16 +177,50 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         name=name,
         request_path=request_path,
         target_url=target_url,
-        api_key=api_key,
         auth_header=auth_header,
+        keys=_provider_keys(doc, auth_header),
+        timeouts=_timeouts(doc, defaults),
+        max_attempts=doc.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+        retry_on=frozenset(doc.get("retry_on", DEFAULT_RETRY_ON)),
+        retry_body_limit=doc.get("retry_body_limit", DEFAULT_RETRY_BODY_LIMIT),
+        retry_backoff=doc.get("retry_backoff_ms", DEFAULT_RETRY_BACKOFF_MS) / 1000,
         prefix=request_path.rstrip("/").encode(),
         origin=f"{scheme}://{authority}",
         origin_url=URL(f"{scheme}://{authority}", encoded=True),
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
-        credential=credential,
         drop_headers=drop_headers(auth_header.encode()),
         usage=None if usage in (False, "off") else usage,
+    )
+
+
+def _provider_keys(doc: Mapping[str, Any], auth_header: str) -> tuple[ProviderKey, ...]:
+    def credential(secret: str) -> tuple[str, str]:
+        return (auth_header, f"Bearer {secret}" if auth_header == "authorization" else secret)
+
+    if "api_key" in doc:
+        return (ProviderKey(None, DEFAULT_KEY_WEIGHT, credential(doc["api_key"])),)
+    return tuple(
+        ProviderKey(entry["id"], entry.get("weight", DEFAULT_KEY_WEIGHT), credential(entry["key"]))
+        for entry in doc.get("api_keys") or ()
+    )
+
+
+def _timeouts(doc: Mapping[str, Any], defaults: Mapping[str, Any]) -> Timeouts:
+    def ms(name: str, default: int | None) -> int | None:
+        value: int | None = doc.get(name, defaults.get(name, default))
+        return value
+
+    request = ms("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
+    assert request is not None
+    connect = ms("connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
+    first_byte = ms("first_byte_timeout_ms", request)
+    idle = ms("idle_timeout_ms", None)
+    return Timeouts(
+        request=request / 1000,
+        connect=(connect or DEFAULT_CONNECT_TIMEOUT_MS) / 1000,
+        first_byte=(first_byte or request) / 1000,
+        idle=None if idle is None else idle / 1000,
     )
 
 
@@ -177,7 +245,7 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
     )
     upstreams_doc = doc.get("upstreams") or {}
     upstreams = tuple(
-        _build_upstream(name, spec)
+        _build_upstream(name, spec, upstreams_doc)
         for name, spec in upstreams_doc.items()
         if name not in UPSTREAM_SETTINGS
     )

@@ -164,3 +164,15 @@ UPSTREAM_CONNECTION_ERROR: Final = ErrorResponse.make(
 UPSTREAM_TIMEOUT: Final = ErrorResponse.make(
     504, "upstream_timeout", "the upstream did not answer within request_timeout_ms"
 )
+UPSTREAM_CONNECT_TIMEOUT: Final = ErrorResponse.make(
+    504,
+    "upstream_timeout",
+    "no connection to the upstream within connect_timeout_ms",
+    "upstream_connect_timeout",
+)
+UPSTREAM_FIRST_BYTE_TIMEOUT: Final = ErrorResponse.make(
+    504,
+    "upstream_timeout",
+    "the upstream sent no response head within first_byte_timeout_ms",
+    "upstream_first_byte_timeout",
+)

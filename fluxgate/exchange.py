@@ -40,6 +40,7 @@ class Exchange:
     """What one request was and what it did: for the relay, metrics and the log line."""
 
     __slots__ = (
+        "attempts",
         "auth_error",
         "client_gone",
         "connection_tokens",
@@ -48,15 +49,17 @@ class Exchange:
         "key_id",
         "method",
         "outcome",
+        "provider_key",
         "request_bytes",
         "request_length",
         "response_bytes",
         "response_length",
         "response_started",
+        "retried",
         "status",
         "target",
         "target_url",
-        "timed_out",
+        "timeout",
         "ttfb_ms",
         "upstream",
         "usage",
@@ -83,12 +86,15 @@ class Exchange:
         self.auth_error: str | None = None  # why authentication failed (fluxgate.auth)
         self.upstream: str | None = None
         self.target_url: str | None = None
+        self.provider_key: str | None = None  # the id of the last attempt's key
+        self.attempts = 0  # sent upstream, failover included
+        self.retried: list[str | None] | None = None  # key ids of attempts retried
         self.ttfb_ms: float | None = None
         self.request_bytes = 0
         self.response_bytes = 0
         self.response_started = False
         self.client_gone = False
-        self.timed_out = False  # request_timeout_ms passed first
+        self.timeout: str | None = None  # which deadline passed: total, first_byte, idle
         self.finished = False
         self.response_length: int | None = None
         self.usage: Tap | None = None  # set when the upstream has `usage` on

@@ -17,8 +17,6 @@ class Target(Protocol):
     def host_item(self) -> tuple[str, str]: ...
     @property
     def drop_headers(self) -> frozenset[bytes]: ...
-    @property
-    def credential(self) -> tuple[str, str] | None: ...
 
 
 HOP_BY_HOP: Final = frozenset(
@@ -81,6 +79,7 @@ def upstream_headers(
 ) -> list[tuple[str, str]]:
     """Request headers for the upstream, from the client's (names lower-case);
     `connection_tokens`: what the client's `Connection` header named, if it sent one.
+    The provider key's header is added per attempt (fluxgate.forward), last.
 
     aiohttp takes `str` pairs and writes the head as UTF-8, so values are
     decoded as UTF-8 to go up byte for byte (see `wire_text`).
@@ -93,8 +92,6 @@ def upstream_headers(
         out += [(n.decode(), v.decode()) for n, v in headers if n not in drop]
     except UnicodeDecodeError:  # rare: some value is not UTF-8
         out += [(n.decode(), wire_text(v)) for n, v in headers if n not in drop]
-    if upstream.credential is not None:
-        out.append(upstream.credential)
     return out
 
 

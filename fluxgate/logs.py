@@ -427,9 +427,11 @@ def request_values(ex: Exchange, client_ip: str | None, duration: float) -> tupl
         ex.request_length,
         ex.key_id,
         ex.upstream,
+        ex.provider_key,
         ex.target_url,
         ex.status,
         ex.outcome,
+        ex.attempts,
         ex.auth_error,
         duration,
         ex.ttfb_ms,
@@ -442,9 +444,9 @@ def request_values(ex: Exchange, client_ip: str | None, duration: float) -> tupl
 
 def request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     """The log line's fields (those that are not None), from `request_values`."""
-    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
-     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
-     usage) = values  # fmt: skip
+    (client_ip, method, target, request_length, key_id, upstream, provider_key, target_url,
+     status, outcome, attempts, auth_error, duration, ttfb_ms, request_bytes, response_bytes,
+     response_length, usage) = values  # fmt: skip
     fields: dict[str, Any] = {"client_ip": client_ip, "method": method,
                               "request_url": loggable_target(target)}  # fmt: skip
     if client_ip is None:
@@ -455,10 +457,14 @@ def request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
         fields["api_key"] = key_id
     if upstream is not None:
         fields["upstream"] = upstream
+    if provider_key is not None:
+        fields["provider_key"] = provider_key
     if target_url is not None:
         fields["target_url"] = loggable_url(target_url)
     fields["status"] = status
     fields["outcome"] = outcome
+    if attempts:
+        fields["attempts"] = attempts
     if auth_error is not None:
         fields["auth_error"] = auth_error
     fields["duration_ms"] = round(duration * 1000, 3)
@@ -479,9 +485,9 @@ def request_text(values: tuple[Any, ...]) -> str:
     Must produce exactly what TextFormatter makes of `request_fields(values)`
     (tests/test_logs.py checks it on generated values).
     """
-    (client_ip, method, target, request_length, key_id, upstream, target_url, status, outcome,
-     auth_error, duration, ttfb_ms, request_bytes, response_bytes, response_length,
-     usage) = values  # fmt: skip
+    (client_ip, method, target, request_length, key_id, upstream, provider_key, target_url,
+     status, outcome, attempts, auth_error, duration, ttfb_ms, request_bytes, response_bytes,
+     response_length, usage) = values  # fmt: skip
     parts = [] if client_ip is None else ["client_ip=" + text_str[client_ip]]
     parts.append("method=" + text_str[method])
     parts.append("request_url=" + text_str[loggable_target(target)])
@@ -491,9 +497,13 @@ def request_text(values: tuple[Any, ...]) -> str:
         parts.append("api_key=" + text_str[key_id])
     if upstream is not None:
         parts.append("upstream=" + text_str[upstream])
+    if provider_key is not None:
+        parts.append("provider_key=" + text_str[provider_key])
     if target_url is not None:
         parts.append("target_url=" + text_str[loggable_url(target_url)])
     parts.append(f"status={status} outcome={text_str[outcome]}")
+    if attempts:
+        parts.append(f"attempts={attempts}")
     if auth_error is not None:
         parts.append("auth_error=" + auth_error)  # one of fluxgate.auth's fixed words
     parts.append(f"duration_ms={round(duration * 1000, 3)}")

@@ -123,6 +123,21 @@ class WorkerSeries:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self.attempts = Counter(
+            "fluxgate_upstream_attempts",
+            "Requests sent upstream, failover included, by provider key id and result "
+            "(answered: the response the client got; retried: sent again on another key; "
+            "failed: no response, the client got a 502/504 or was gone).",
+            ["upstream", "provider_key", "result"],
+            registry=None,
+        )
+        self.benched = Gauge(
+            "fluxgate_provider_key_benched",
+            "1 while a provider key rests after a 429, 401 or 403 (in any worker).",
+            ["upstream", "provider_key"],
+            multiprocess_mode="livemax",
+            registry=None,
+        )
         self.generation = Gauge(
             "fluxgate_worker_config_generation_min",
             "Lowest config generation any live worker runs.",
@@ -162,6 +177,8 @@ class WorkerMetrics:
         self.recording = True
         self.streams: dict[str, int] = {}  # upstream -> exchanges in flight
         self.connections: Callable[[], int] | None = None  # set by the worker
+        # (upstream, key id) -> benched now; set by the forwarder (fluxgate.keypool).
+        self.benched: Callable[[], dict[tuple[str, str], bool]] | None = None
         self._pending: list[tuple[Exchange, float]] = []  # waiting for the timer
         self._batch: list[tuple[Exchange, float]] = []  # being counted, a slice a turn
         self._position = 0  # of the next slice in `_batch`
@@ -176,6 +193,7 @@ class WorkerMetrics:
         self._response_bytes: dict[tuple[str, str], int] = {}
         self._tokens: dict[tuple[str, str, str], int] = {}
         self._unavailable: dict[tuple[str, str], int] = {}
+        self._attempts: dict[tuple[str, str, str], int] = {}
         self._durations: dict[str, _Histogram] = {}
         self._ttfbs: dict[str, _Histogram] = {}
 
@@ -250,6 +268,17 @@ class WorkerMetrics:
             self._response_bytes[pair] = self._response_bytes.get(pair, 0) + ex.response_bytes
         if ex.usage is not None:
             self._count_usage(ex.usage, upstream, key)
+        if ex.attempts:
+            self._count_attempts(ex, upstream)
+
+    def _count_attempts(self, ex: Exchange, upstream: str) -> None:
+        attempts = self._attempts
+        for provider_key in ex.retried or ():
+            labels = (upstream, provider_key or "", "retried")
+            attempts[labels] = attempts.get(labels, 0) + 1
+        result = "answered" if ex.ttfb_ms is not None else "failed"
+        labels = (upstream, ex.provider_key or "", result)
+        attempts[labels] = attempts.get(labels, 0) + 1
 
     def _count_usage(self, tap: Tap, upstream: str, key: str) -> None:
         usage = tap.result()
@@ -301,6 +330,7 @@ class WorkerMetrics:
             (s.response_bytes, self._response_bytes),
             (s.tokens, self._tokens),
             (s.usage_unavailable, self._unavailable),
+            (s.attempts, self._attempts),
         ):
             for labels, amount in sums.items():
                 self._child(counter, *labels).inc(amount)
@@ -327,6 +357,9 @@ class WorkerMetrics:
         ]
         if self.connections is not None:
             gauges.append((s.connections, self.connections()))
+        if self.benched is not None:
+            gauges += [(self._child(s.benched, *labels), int(flag))
+                       for labels, flag in self.benched().items()]  # fmt: skip
         for child, value in gauges:
             if self._written.get(child) != value:
                 child.set(value)

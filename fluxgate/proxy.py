@@ -76,7 +76,7 @@ class ProxyApp:
             upstream = self.route(principal, path)
             self.apply_policy(config, principal, upstream, ex)
             assert self.forwarder is not None, "lifespan startup makes it"
-            await self.forwarder.forward(config, upstream, scope, receive, send, ex)
+            await self.forwarder.forward(upstream, scope, receive, send, ex)
         except ProxyError as err:
             await self.refuse(err.response, send, ex)
         finally:

@@ -18,11 +18,13 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import (
     UPSTREAM_BAD_RESPONSE,
+    UPSTREAM_CONNECT_TIMEOUT,
     UPSTREAM_CONNECTION_ERROR,
     UPSTREAM_DNS_ERROR,
     UPSTREAM_TLS_ERROR,
@@ -106,9 +108,9 @@ class UpstreamClient:
     (argument merging, URL rebuilding, cookie, proxy, auth, trace and timer
     bookkeeping; none of which a relay uses) as on the exchange itself. This
     drives aiohttp's own parts directly, as the session does: the connector's
-    keep-alive pool, `ClientRequest.send` and `ClientResponse.start`. The
-    deadline is enforced per exchange by the caller from request_timeout_ms,
-    which can change at every reload, so no aiohttp timeout is set.
+    keep-alive pool, `ClientRequest.send` and `ClientResponse.start`. Only
+    the connect deadline is aiohttp's; the others (first byte, idle, total)
+    are the caller's (fluxgate.forward), per exchange.
     Must be created with the worker's loop running.
     """
 
@@ -140,12 +142,18 @@ class UpstreamClient:
         url: URL,
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
+        connect_timeout: float,
     ) -> aiohttp.ClientResponse:
-        """Send the request head (and stream `body`), return once the response head is in."""
+        """Send the request head (and stream `body`), return once the response head is in.
+
+        `connect_timeout` bounds getting a connection (TCP and TLS); a pooled
+        one is there at once. Failing it raises `aiohttp.ConnectionTimeoutError`.
+        """
         retry = body is None and method in _RETRY_ON_STALE
+        timeout = _connect_timeout(connect_timeout)
         while True:
             try:
-                return await self._exchange(method, url, headers, body)
+                return await self._exchange(method, url, headers, body, timeout)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
                 if not retry:
                     raise
@@ -157,6 +165,7 @@ class UpstreamClient:
         url: URL,
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
+        timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         req = VerbatimRequest(
             method,
@@ -166,7 +175,7 @@ class UpstreamClient:
             loop=self._loop,
             session=self.session,
         )
-        conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
+        conn = await self._connect(req, timeout)
         protocol = conn.protocol
         assert isinstance(protocol, _RelayResponseHandler)
         while protocol.should_close:
@@ -174,7 +183,7 @@ class UpstreamClient:
             # previous response not read to its end, a close the upstream
             # asked for. Never reused (as nginx does); the next pooled or a new one.
             conn.close()
-            conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
+            conn = await self._connect(req, timeout)
             protocol = conn.protocol
             assert isinstance(protocol, _RelayResponseHandler)
         protocol.idle = False
@@ -216,9 +225,24 @@ class UpstreamClient:
             raise
         return resp
 
+    async def _connect(self, req: VerbatimRequest, timeout: aiohttp.ClientTimeout) -> Connection:
+        try:
+            return await self.connector.connect(req, traces=[], timeout=timeout)
+        except TimeoutError as exc:  # what ClientSession turns into this
+            raise aiohttp.ConnectionTimeoutError(f"connect timeout to {req.url.host}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout for getting a connection (TCP and TLS), one per value."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_connect=seconds, sock_read=None)
+
 
 def upstream_failure(exc: BaseException) -> ProxyError:
-    """The 502 that answers an upstream failure before any response byte arrived."""
+    """The answer to an upstream failure before any response byte arrived: 502, or
+    504 when no connection could be made within connect_timeout_ms."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ProxyError(UPSTREAM_CONNECT_TIMEOUT)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return ProxyError(UPSTREAM_DNS_ERROR)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):

@@ -11,18 +11,39 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from fluxgate.addresses import plain_ascii, port_digits_ok, valid_url_host
 from fluxgate.checks import Checks, field_path, has_control, kind, quote, shown
-from fluxgate.config import UPSTREAM_SETTINGS
+from fluxgate.config import TIMEOUT_SETTINGS, UPSTREAM_SETTINGS
 
-UPSTREAM_KEYS = ("target_url", "request_path", "api_key", "auth_header", "usage")
+UPSTREAM_KEYS = (
+    "target_url",
+    "request_path",
+    "api_key",
+    "api_keys",
+    "auth_header",
+    "usage",
+    *TIMEOUT_SETTINGS,
+    "max_attempts",
+    "retry_on",
+    "retry_body_limit",
+    "retry_backoff_ms",
+)
+POOL_KEY_KEYS = ("id", "key", "weight")
 USAGE_VALUES = ("openai", "anthropic", "off")
 # The deadline of one upstream exchange; it also bounds a graceful shutdown.
 # A day is longer than any LLM exchange, and far below where a timer or
 # float conversion overflows.
 MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
+# Failover (README "Upstream resilience"): attempts, the keys of a pool and
+# their weights, the body kept for a replay, and the wait between attempts.
+MAX_ATTEMPTS = 10
+MAX_POOL_KEYS = 100
+MAX_KEY_WEIGHT = 1000
+MAX_RETRY_BODY_LIMIT = 64 << 20
+MAX_RETRY_BACKOFF_MS = 60_000
 HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "upgrade"}) | {
     "proxy-authenticate",
     "proxy-authorization",
@@ -41,13 +62,7 @@ class UpstreamChecks(Checks):
     def upstreams(self, value: object) -> set[str]:
         """Check the `upstreams` section; return the names later references may use."""
         section = self.section("upstreams", value, None)
-        if "request_timeout_ms" in section:
-            self.positive_int(
-                "upstreams.request_timeout_ms",
-                section["request_timeout_ms"],
-                MAX_REQUEST_TIMEOUT_MS,
-                "24 hours",
-            )
+        self.timeouts("upstreams", section)
         names: set[str] = set()
         routes: dict[str, tuple[str, str]] = {}  # normalised prefix -> (name, as written)
         for name, spec in section.items():
@@ -86,6 +101,10 @@ class UpstreamChecks(Checks):
             route = self.string(f"{path}.request_path", spec["request_path"])
             if route is not None:
                 self.request_path(f"{path}.request_path", route, name, routes)
+        if "api_key" in spec and "api_keys" in spec:
+            self.add(f"{path}.api_keys", "set together with api_key; keep one of them")
+        if "api_keys" in spec:
+            self.key_pool(f"{path}.api_keys", spec["api_keys"])
         if "api_key" in spec:
             if spec["api_key"] is None:
                 self.add(
@@ -101,6 +120,62 @@ class UpstreamChecks(Checks):
             # False: YAML 1.1 reads an unquoted `off` as a boolean.
             choices = ", ".join(USAGE_VALUES)
             self.add(f"{path}.usage", f"must be one of {choices}; got {shown(spec['usage'])}")
+        self.timeouts(path, spec)
+        self.failover(path, spec)
+
+    def timeouts(self, path: str, spec: dict[Any, Any]) -> None:
+        """The deadlines, in an upstream or as the defaults under `upstreams:`."""
+        for name in TIMEOUT_SETTINGS:
+            if name in spec:
+                self.positive_int(f"{path}.{name}", spec[name], MAX_REQUEST_TIMEOUT_MS, "24 hours")
+
+    def failover(self, path: str, spec: dict[Any, Any]) -> None:
+        if "max_attempts" in spec:
+            self.positive_int(
+                f"{path}.max_attempts",
+                spec["max_attempts"],
+                MAX_ATTEMPTS,
+                "each is a whole request",
+            )
+        for name, maximum in (
+            ("retry_body_limit", MAX_RETRY_BODY_LIMIT),
+            ("retry_backoff_ms", MAX_RETRY_BACKOFF_MS),
+        ):
+            if name in spec:
+                self.whole_number(f"{path}.{name}", spec[name], maximum)
+        if "retry_on" in spec:
+            statuses = self.items(f"{path}.retry_on", spec["retry_on"])
+            for i, status in enumerate(statuses):
+                if isinstance(status, bool) or not isinstance(status, int):
+                    self.add(f"{path}.retry_on[{i}]", f"must be a status code, got {shown(status)}")
+                elif not 400 <= status <= 599:
+                    self.add(f"{path}.retry_on[{i}]", f"must be from 400 to 599, got {status}")
+
+    def key_pool(self, path: str, value: object) -> None:
+        """`api_keys`: the provider keys of a pool, each with an id and an optional weight."""
+        entries = self.items(path, value)
+        if isinstance(value, list) and not entries:
+            self.add(path, "must list at least one key (or use api_key)")
+        if len(entries) > MAX_POOL_KEYS:
+            self.add(path, f"must list at most {MAX_POOL_KEYS} keys, got {len(entries)}")
+        seen: dict[str, str] = {}
+        for i, entry in enumerate(entries):
+            entry_path = f"{path}[{i}]"
+            if not isinstance(entry, dict):
+                self.add(entry_path, f"must be a mapping with id and key, got {kind(entry)}")
+                continue
+            self.section(entry_path, entry, POOL_KEY_KEYS)
+            for required in ("id", "key"):
+                if required not in entry:
+                    self.add(f"{entry_path}.{required}", "required")
+            if "id" in entry:
+                self.unique_id(f"{entry_path}.id", entry["id"], seen)
+            if "key" in entry:
+                self.header_secret(f"{entry_path}.key", entry["key"], charset="Latin-1")
+            if "weight" in entry:
+                self.positive_int(
+                    f"{entry_path}.weight", entry["weight"], MAX_KEY_WEIGHT, "a share, not a count"
+                )
 
     def target_url(self, path: str, url: str) -> None:
         authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]

@@ -254,15 +254,6 @@ class _Validator(UpstreamChecks):
                         f"(RFC 7518 §3.2), got {size}",
                     )
 
-    def unique_id(self, path: str, value: object, seen: dict[str, str]) -> None:
-        text = self.string(path, value)
-        if text is None:
-            return
-        if text in seen:
-            self.add(path, f"{quote(text)} is already used by {seen[text]}")
-        else:
-            seen[text] = path.rsplit(".", 1)[0]
-
 
 def validate(doc: object) -> list[str]:
     """Check a parsed configuration document; return every problem (empty = valid)."""
