@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,20 +207,12 @@ def process_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def start(
-    up: FakeUpstreamThread, factory: pytest.TempPathFactory, workers: int = 2, **over: Any
-) -> Supervisor:
-    return Supervisor(factory.mktemp("load"), proxy_config(up.url, **over), workers=workers).start()
-
-
 @pytest.fixture
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = start(up, tmp_path_factory)
-    try:
-        proc.wait_for_generation(1)
-        yield proc
-    finally:
-        proc.stop()
+def sup(up: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    """Two workers of a supervisor of its own for each test (they get killed and reloaded)."""
+    proc: Supervisor = make_supervisor(proxy_config(up.url), workers=2)
+    proc.wait_for_generation(1)
+    return proc
 
 
 # --- a worker SIGKILLed under concurrent load -----------------------------------------------
