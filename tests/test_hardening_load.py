@@ -634,8 +634,20 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
             seen.append(path.read_bytes())
             cond.notify_all()
 
+    # A control watcher on a file of its own, polling as often: its calls count the polls.
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"version: 1\n")
+    polls: list[float] = []
+
+    def on_poll() -> None:
+        with cond:
+            polls.append(time.monotonic())
+            cond.notify_all()
+
     watcher = ConfigWatcher(path, on_change, poll_interval=0.05)
+    clock = ConfigWatcher(control, on_poll, poll_interval=0.05)
     watcher.start()
+    clock.start()
     try:
         with cond:
             assert cond.wait_for(lambda: len(seen) >= 2, timeout=5)  # the poll runs
@@ -643,8 +655,9 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
         with open(path, "wb") as f:
             f.write(b"version: 1\n# half")
             f.flush()
-            time.sleep(0.5)  # ten polls' worth of holding the file open mid-write
-            with cond:
+            began = time.monotonic()
+            with cond:  # ten polls' worth of holding the file open mid-write
+                assert cond.wait_for(lambda: sum(t > began for t in polls) >= 10, timeout=5)
                 during = seen[before:]
             f.write(b" written\n")
         with cond:
@@ -652,4 +665,5 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
         # Only a poll that ran before the write began may have seen the old content.
         assert set(during) <= {b"version: 1\n"}, during
     finally:
+        clock.stop()
         watcher.stop()
