@@ -93,6 +93,40 @@ def make_supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
         sup.stop()
 
 
+@pytest.fixture(scope="module")
+def module_supervisor(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Supervisor]]:
+    """Start supervisors shared by all of a module's tests, stopped when the module ends.
+
+    A module states only its config, in a fixture of its own:
+
+        @pytest.fixture(scope="module")
+        def sup(up, module_supervisor):
+            return module_supervisor(proxy_config(up.url), workers=2)
+
+    Keyword arguments go to `Supervisor` (workers, env, port, args).
+    """
+    started: list[Supervisor] = []
+
+    def factory(config: dict[str, Any] | str, **kwargs: Any) -> Supervisor:
+        sup = Supervisor(tmp_path_factory.mktemp("module-sup"), config, **kwargs)
+        started.append(sup)
+        return sup.start()
+
+    yield factory
+    for sup in started:
+        sup.stop()
+
+
+@pytest.fixture
+def fresh(up: FakeUpstreamThread) -> None:
+    """Clear the module's fake upstream's record before a test, so that what it received
+    is this test's alone. A module opts in for all its tests with
+    `pytestmark = pytest.mark.usefixtures("fresh")`."""
+    up.clear()
+
+
 @pytest.fixture
 def proxy(upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]) -> Supervisor:
     """One supervisor with one worker, on the standard config."""

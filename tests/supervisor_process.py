@@ -223,6 +223,17 @@ class Supervisor:
             return err.code, dict(err.headers), err.read()
 
 
+def signals_taken(pid: int) -> bool:
+    """No signal is pending for process `pid`: any signal sent to it so far has been
+    delivered (handled, ignored, or fatal). Gone counts as taken."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
     """Poll `predicate` until true or `timeout`; for state with no event to wait on."""
     deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ import yaml
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.validation import MAX_WORKERS
 from tests.conftest import CLIENT_KEY, proxy_config
-from tests.supervisor_process import Supervisor, wait_until
+from tests.supervisor_process import Supervisor, signals_taken, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -229,7 +229,9 @@ def test_reload_refuses_a_process_that_merely_mentions_fluxgate(tmp_path: Path) 
         result = run("reload", "--pid-file", str(pid_file))
         assert result.returncode == 1
         assert "is not a fluxgate supervisor" in result.stderr
-        time.sleep(0.1)  # a SIGHUP, had one been sent, would have ended tail by now
+        # The command has exited, so a SIGHUP it sent is already queued: once tail has
+        # none pending, one would have ended it.
+        assert wait_until(lambda: signals_taken(tail.pid), timeout=5)
         assert tail.poll() is None
     finally:
         tail.kill()
@@ -244,7 +246,7 @@ def test_reload_refuses_a_process_that_is_not_fluxgate(tmp_path: Path) -> None:
         result = run("reload", "--pid-file", str(pid_file))
         assert result.returncode == 1
         assert "is not a fluxgate supervisor" in result.stderr
-        time.sleep(0.1)
+        assert wait_until(lambda: signals_taken(stranger.pid), timeout=5)
         assert stranger.poll() is None
     finally:
         stranger.send_signal(signal.SIGKILL)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -46,17 +46,8 @@ def fidelity_config(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = Supervisor(tmp_path_factory.mktemp("fidelity"), fidelity_config(up.url))
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
+def sup(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    return module_supervisor(fidelity_config(up.url))
 
 
 def host(sup: Supervisor) -> tuple[str, str]:
@@ -64,6 +55,7 @@ def host(sup: Supervisor) -> tuple[str, str]:
 
 
 AUTH = bearer(CLIENT_KEY)
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 
 
 def send(

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,20 +207,12 @@ def process_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def start(
-    up: FakeUpstreamThread, factory: pytest.TempPathFactory, workers: int = 2, **over: Any
-) -> Supervisor:
-    return Supervisor(factory.mktemp("load"), proxy_config(up.url, **over), workers=workers).start()
-
-
 @pytest.fixture
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = start(up, tmp_path_factory)
-    try:
-        proc.wait_for_generation(1)
-        yield proc
-    finally:
-        proc.stop()
+def sup(up: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    """Two workers of a supervisor of its own for each test (they get killed and reloaded)."""
+    proc: Supervisor = make_supervisor(proxy_config(up.url), workers=2)
+    proc.wait_for_generation(1)
+    return proc
 
 
 # --- a worker SIGKILLed under concurrent load -----------------------------------------------
@@ -642,8 +634,20 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
             seen.append(path.read_bytes())
             cond.notify_all()
 
+    # A control watcher on a file of its own, polling as often: its calls count the polls.
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"version: 1\n")
+    polls: list[float] = []
+
+    def on_poll() -> None:
+        with cond:
+            polls.append(time.monotonic())
+            cond.notify_all()
+
     watcher = ConfigWatcher(path, on_change, poll_interval=0.05)
+    clock = ConfigWatcher(control, on_poll, poll_interval=0.05)
     watcher.start()
+    clock.start()
     try:
         with cond:
             assert cond.wait_for(lambda: len(seen) >= 2, timeout=5)  # the poll runs
@@ -651,8 +655,9 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
         with open(path, "wb") as f:
             f.write(b"version: 1\n# half")
             f.flush()
-            time.sleep(0.5)  # ten polls' worth of holding the file open mid-write
-            with cond:
+            began = time.monotonic()
+            with cond:  # ten polls' worth of holding the file open mid-write
+                assert cond.wait_for(lambda: sum(t > began for t in polls) >= 10, timeout=5)
                 during = seen[before:]
             f.write(b" written\n")
         with cond:
@@ -660,4 +665,5 @@ def test_watcher_poll_holds_back_while_the_file_is_being_written(tmp_path: Path)
         # Only a poll that ran before the write began may have seen the old content.
         assert set(during) <= {b"version: 1\n"}, during
     finally:
+        clock.stop()
         watcher.stop()

@@ -160,16 +160,10 @@ def in_thread(fn: Callable[[], Any]) -> Future[Any]:
 
 
 @pytest.fixture(scope="module")
-def one_worker(
-    up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Supervisor]:
+def one_worker(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
     config = proxy_config(up.url)
     config["upstreams"]["request_timeout_ms"] = 120_000  # the deadline covers the body too
-    proc = Supervisor(tmp_path_factory.mktemp("big"), config, workers=1)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
+    return module_supervisor(config, workers=1)
 
 
 def upload_blocks(total: int) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ import hmac
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -48,6 +48,7 @@ from tests.conftest import (
 from tests.supervisor_process import Supervisor, free_port
 
 DEADLINE_MS = 500
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 # Secret-looking values only these tests use: a mistyped key, a key in a cookie...
 TYPO_KEY = "fg-client-key-4d1c7e0b9b"  # one character off CLIENT_KEY
 EXTRA_SECRETS = [TYPO_KEY, base64.b64encode(f"ci:{CLIENT_KEY}".encode()).decode()]
@@ -75,7 +76,9 @@ def unsigned_jwt(**header: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+def sup(
+    up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]
+) -> Iterator[Supervisor]:
     config = proxy_config(up.url)
     config["upstreams"]["request_timeout_ms"] = DEADLINE_MS
     config["upstreams"].update(
@@ -86,20 +89,13 @@ def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Ite
                     "target_url": "http://does-not-exist.invalid"},
         }
     )  # fmt: skip
-    proc = Supervisor(tmp_path_factory.mktemp("secrets"), config).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    proc = module_supervisor(config)
+    yield proc
+    proc.stop()
     # Every line this supervisor printed, including the ones logged after the last test
     # (the session-wide scan in conftest covers SECRETS and the minted JWTs).
     leaks = [line for line in proc.lines for s in EXTRA_SECRETS if s in line]
     assert leaks == [], leaks
-
-
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
 
 
 def exchange(port: int, raw: bytes) -> bytes:

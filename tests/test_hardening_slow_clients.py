@@ -23,7 +23,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from tests.supervisor_process import Supervisor, wait_until
 BODY_DEADLINE_MS = 1000
 # How late a deadline may fire on a loaded CI machine (two xdist workers, 2 cores).
 SLACK = 3.0
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 
 
 @dataclass
@@ -182,24 +183,12 @@ def all_ended(clients: list[SlowClient], timeout: float) -> threading.Event:
     return done
 
 
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
-
-
-def one_worker(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Supervisor:
+@pytest.fixture
+def sup(up: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    """A supervisor of its own for each test: one worker, which slow clients may tie up."""
     config = proxy_config(up.url)
     config["upstreams"]["request_timeout_ms"] = BODY_DEADLINE_MS
-    return Supervisor(tmp_path_factory.mktemp("slow"), config, workers=1).start()
-
-
-@pytest.fixture
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = one_worker(up, tmp_path_factory)
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    return make_supervisor(config, workers=1)
 
 
 def head_bytes(sup: Supervisor, target: str) -> bytes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,37 +89,24 @@ def exchange(port: int, raw: bytes, await_close: bool = False) -> Response:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstreamThread]:
-    with FakeUpstreamThread() as up:
-        yield up
+def sup(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    return module_supervisor(proxy_config(up.url))
 
 
-@pytest.fixture(scope="module")
-def sup(
-    upstream: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Supervisor]:
-    supervisor = Supervisor(tmp_path_factory.mktemp("matrix"), proxy_config(upstream.url))
-    supervisor.start()
-    yield supervisor
-    supervisor.stop()
-
-
-def probe_reaches_upstream(sup: Supervisor, upstream: FakeUpstreamThread, seen: int) -> None:
+def probe_reaches_upstream(sup: Supervisor, up: FakeUpstreamThread, seen: int) -> None:
     """A valid request after the case: once it has arrived upstream, anything the case
     let through would have arrived too; exactly the probe must be new."""
     raw = b"GET /openai/probe HTTP/1.1\r\nHost: h\r\nx-api-key: %s\r\n\r\n" % CLIENT_KEY.encode()
     exchange(sup.port, raw)
-    new = upstream.wait_for_requests(seen + 1, timeout=TIMEOUT)[seen:]
+    new = up.wait_for_requests(seen + 1, timeout=TIMEOUT)[seen:]
     assert [r.target for r in new] == [b"/probe"]
 
 
 @pytest.mark.parametrize("path", cases("invalid"))
-def test_invalid_request_is_refused(
-    path: Path, sup: Supervisor, upstream: FakeUpstreamThread
-) -> None:
+def test_invalid_request_is_refused(path: Path, sup: Supervisor, up: FakeUpstreamThread) -> None:
     raw, expect = load(path)
     status = int(expect["status"])
-    seen = len(upstream.requests)
+    seen = len(up.requests)
     mark = sup.mark()
 
     response = exchange(sup.port, raw, await_close=True)
@@ -132,22 +119,20 @@ def test_invalid_request_is_refused(
     assert response.closed, "the connection must be closed after a refusal"
     sup.wait_for_log(rf"^WARNING .*request rejected .*status={status}\b", start=mark)
     sup.wait_for_log(rf"^TRACE .* request .*status={status}\b", start=mark)
-    probe_reaches_upstream(sup, upstream, seen)
+    probe_reaches_upstream(sup, up, seen)
 
 
 @pytest.mark.parametrize("path", cases("valid"))
-def test_valid_request_is_forwarded(
-    path: Path, sup: Supervisor, upstream: FakeUpstreamThread
-) -> None:
+def test_valid_request_is_forwarded(path: Path, sup: Supervisor, up: FakeUpstreamThread) -> None:
     raw, expect = load(path)
-    seen = len(upstream.requests)
+    seen = len(up.requests)
 
     response = exchange(sup.port, raw)
 
     assert response.status == int(expect["status"]), response.body
-    [forwarded] = upstream.wait_for_requests(seen + 1, timeout=TIMEOUT)[seen:]
+    [forwarded] = up.wait_for_requests(seen + 1, timeout=TIMEOUT)[seen:]
     assert forwarded.target == expect["upstream_target"].encode()
-    assert forwarded.header("host") == f"127.0.0.1:{upstream.port}".encode()
+    assert forwarded.header("host") == f"127.0.0.1:{up.port}".encode()
 
 
 def test_matrix_is_big_enough() -> None:

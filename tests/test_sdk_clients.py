@@ -7,7 +7,7 @@ the provider key in that provider's header and the client key nowhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import anthropic
 import openai
@@ -19,20 +19,12 @@ from tests.supervisor_process import Supervisor
 
 PROMPT = "say hello through the gateway"
 REPLY = "Echo: " + PROMPT  # what the fake provider answers
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 
 
 @pytest.fixture(scope="module")
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = Supervisor(tmp_path_factory.mktemp("sdk"), proxy_config(up.url))
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
+def sup(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    return module_supervisor(proxy_config(up.url))
 
 
 def openai_client(sup: Supervisor, key: str = CLIENT_KEY) -> openai.OpenAI:

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,20 +27,12 @@ from tests.supervisor_process import Supervisor
 
 MiB = 1 << 20
 BIG = 64 * MiB
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 
 
 @pytest.fixture(scope="module")
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
-    proc = Supervisor(tmp_path_factory.mktemp("streaming"), proxy_config(up.url))
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
+def sup(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
+    return module_supervisor(proxy_config(up.url))
 
 
 def headers(sup: Supervisor, *extra: tuple[str, str]) -> list[tuple[str, str]]:

@@ -7,14 +7,13 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from demo.fake_upstream import FakeUpstreamThread
 from tests.conftest import CLIENT_KEY, proxy_config
-from tests.supervisor_process import Supervisor, free_port, wait_until
+from tests.supervisor_process import Supervisor, free_port, signals_taken, wait_until
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
@@ -110,10 +109,11 @@ def test_sigkilled_worker_is_replaced_on_the_current_generation_and_others_keep_
     assert failures == 0
 
 
-def test_sigterm_lets_a_slow_stream_finish_then_exits_zero(proxy: Supervisor) -> None:
+def test_sigterm_lets_a_slow_stream_finish_then_exits_zero(
+    proxy: Supervisor, upstream: FakeUpstreamThread
+) -> None:
     streamer, result = stream_in_background(proxy, "/openai/sse?events=6&interval_ms=250")
-    proxy.wait_for_log(r"serving")
-    time.sleep(0.3)  # the stream has started; shutdown must not cut it
+    upstream.wait_for_requests(1)  # the stream has started; shutdown must not cut it
     proxy.signal(signal.SIGTERM)
     assert proxy.proc is not None
     assert proxy.proc.wait(20) == 0
@@ -123,18 +123,20 @@ def test_sigterm_lets_a_slow_stream_finish_then_exits_zero(proxy: Supervisor) ->
     assert any("shutting down" in line for line in proxy.lines)
 
 
-def test_sigint_is_as_graceful_as_sigterm(proxy: Supervisor) -> None:
+def test_sigint_is_as_graceful_as_sigterm(proxy: Supervisor, upstream: FakeUpstreamThread) -> None:
     streamer, result = stream_in_background(proxy, "/openai/sse?events=4&interval_ms=250")
-    time.sleep(0.3)
+    upstream.wait_for_requests(1)
     proxy.signal(signal.SIGINT)
     assert proxy.proc is not None and proxy.proc.wait(20) == 0
     streamer.join(5)
     assert result["response"][2].count(b"data: event") == 4
 
 
-def test_new_connections_are_refused_once_shutdown_starts(proxy: Supervisor) -> None:
+def test_new_connections_are_refused_once_shutdown_starts(
+    proxy: Supervisor, upstream: FakeUpstreamThread
+) -> None:
     streamer, _ = stream_in_background(proxy, "/openai/sse?events=4&interval_ms=250")
-    time.sleep(0.3)
+    upstream.wait_for_requests(1)
     proxy.signal(signal.SIGTERM)
     proxy.wait_for_log("shutting down")
 
@@ -207,7 +209,13 @@ def test_burst_of_sighups_kills_no_worker(
     for pid in before:
         os.kill(pid, signal.SIGHUP)
     sup.wait_for_log(r"config unchanged")
-    time.sleep(0.5)
+    # Every SIGHUP has been delivered; then one more round trip through the master's
+    # loop, which reaps (and logs) any worker that died before it logs this reply.
+    assert sup.proc is not None
+    assert wait_until(lambda: all(map(signals_taken, [sup.proc.pid, *before])), timeout=5)
+    mark = sup.mark()
+    sup.signal(signal.SIGHUP)
+    sup.wait_for_log(r"config unchanged", start=mark)
     assert set(sup.worker_pids()) == before
     assert not [line for line in sup.lines if "was sent" in line or "exited with code" in line]
 

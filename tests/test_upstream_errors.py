@@ -12,7 +12,7 @@ import re
 import socketserver
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,6 +22,7 @@ from tests.conftest import CLIENT_KEY, OPENAI_KEY, SECRETS, proxy_config
 from tests.supervisor_process import Supervisor, free_port
 
 DEADLINE_MS = 300
+pytestmark = pytest.mark.usefixtures("fresh")  # each test sees only its own requests
 
 
 class _PlainHttpHandler(socketserver.BaseRequestHandler):
@@ -48,8 +49,8 @@ def plain_http_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def sup(
-    up: FakeUpstreamThread, plain_http_port: int, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Supervisor]:
+    up: FakeUpstreamThread, plain_http_port: int, module_supervisor: Callable[..., Supervisor]
+) -> Supervisor:
     """The standard config plus upstreams that cannot be reached."""
     config = proxy_config(up.url)
     config["upstreams"].update(
@@ -62,28 +63,15 @@ def sup(
                     "target_url": f"https://127.0.0.1:{plain_http_port}"},
         }
     )  # fmt: skip
-    proc = Supervisor(tmp_path_factory.mktemp("errors"), config)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
+    return module_supervisor(config)
 
 
 @pytest.fixture(scope="module")
-def short(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+def short(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
     """The standard config with a short deadline."""
     config = proxy_config(up.url)
     config["upstreams"]["request_timeout_ms"] = DEADLINE_MS
-    proc = Supervisor(tmp_path_factory.mktemp("deadline"), config)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(up: FakeUpstreamThread) -> None:
-    up.clear()
+    return module_supervisor(config)
 
 
 def headers(proc: Supervisor, *extra: tuple[str, str]) -> list[tuple[str, str]]:

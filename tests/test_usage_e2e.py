@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -27,17 +27,13 @@ MESSAGES = [{"role": "user", "content": "how many tokens is this prompt"}]
 
 
 @pytest.fixture(scope="module")
-def sup(up: FakeUpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+def sup(up: FakeUpstreamThread, module_supervisor: Callable[..., Supervisor]) -> Supervisor:
     doc = proxy_config(up.url)
     doc["upstreams"]["openai"]["usage"] = "openai"
     doc["upstreams"]["anthropic"]["usage"] = "anthropic"
     # The same provider with usage off, for comparison.
     doc["upstreams"]["plain"] = {"request_path": "/plain", "target_url": up.url}
-    proc = Supervisor(tmp_path_factory.mktemp("usage"), doc, workers=2)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
+    return module_supervisor(doc, workers=2)
 
 
 def fields(line: str) -> dict[str, str]:

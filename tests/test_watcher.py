@@ -138,6 +138,21 @@ def replace_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def settled(watch: WatchFactory, directory: Path) -> None:
+    """Return once every event made in `directory` so far has had its settle time: a
+    control watcher on a file of its own there has been called for a write made now.
+
+    inotify queues an event to every watcher as it happens, so by then a watcher that
+    wrongly reacted to an earlier event has made its call too. This is what a test
+    waits for before it asserts that a call did not happen.
+    """
+    control = directory / "control.yaml"
+    rec = watch(control)
+    with change() as done:
+        write_in_place(control, "control\n")
+    rec.wait_call(done.started, b"control\n")
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "fluxgate.yaml"
@@ -296,9 +311,13 @@ def test_burst_of_writes_is_debounced(watch: WatchFactory, config: Path) -> None
         for i in range(20):
             write_in_place(config, f"version: 1  # write {i}\n")
     assert_prompt_call(rec, done, b"version: 1  # write 19\n")
-    time.sleep(0.2)
+    # A later write's call comes after any call the burst still had pending.
+    with change() as later:
+        write_in_place(config, "version: 1  # after the burst\n")
+    rec.wait_call(later.started, b"version: 1  # after the burst\n")
+    burst_calls = [when for when, _ in rec.calls_since(done.started) if when < later.started]
     # 1 expected; 2 tolerated if the scheduler stalls the writer past `settle`.
-    assert 1 <= len(rec.calls_since(done.started)) <= 2
+    assert 1 <= len(burst_calls) <= 2
 
 
 def test_partial_write_without_close_does_not_trigger(watch: WatchFactory, config: Path) -> None:
@@ -307,7 +326,7 @@ def test_partial_write_without_close_does_not_trigger(watch: WatchFactory, confi
     try:
         f.write("version: 1  # half")
         f.flush()
-        time.sleep(0.2)
+        settled(watch, config.parent)
         assert rec.calls == []
         f.write(" written\n")
     finally:
@@ -334,13 +353,13 @@ def test_stop_returns_quickly_and_ends_thread(config: Path) -> None:
     assert not [t for t in threading.enumerate() if t.name == "fluxgate-config-watcher"]
 
 
-def test_no_call_after_stop(config: Path) -> None:
+def test_no_call_after_stop(watch: WatchFactory, config: Path) -> None:
     rec = Recorder(config)
     watcher = ConfigWatcher(config, rec, poll_interval=NO_POLL)
     watcher.start()
     watcher.stop()
     write_in_place(config, "version: 1  # after stop\n")
-    time.sleep(0.2)
+    settled(watch, config.parent)
     assert rec.calls == []
 
 
@@ -368,7 +387,7 @@ def test_other_files_in_directory_do_not_trigger(watch: WatchFactory, config: Pa
     rec = watch(config)
     replace_atomically(config.with_name("other.yaml"), "unrelated\n")
     (config.parent / "notes.txt").write_text("unrelated\n")
-    time.sleep(0.2)
+    settled(watch, config.parent)
     assert rec.calls == []
 
 
