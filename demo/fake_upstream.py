@@ -71,6 +71,16 @@ class RecordedRequest:
         qs = self.target.partition(b"?")[2].decode("latin-1")
         return {k: v[0] for k, v in parse_qs(qs, keep_blank_values=True).items()}
 
+    def provider_key(self) -> str | None:
+        """The key the request carries: a Bearer token, else x-api-key or api-key."""
+        auth = self.header("authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            return auth[7:].decode("latin-1")
+        for name in ("x-api-key", "api-key"):
+            if (value := self.header(name)) is not None:
+                return value.decode("latin-1")
+        return None
+
     def header(self, name: str | bytes) -> bytes | None:
         values = self.header_values(name)
         return values[0] if values else None
@@ -174,6 +184,9 @@ class FakeUpstream:
         self.connections_opened = 0
         self.open_connections = 0
         self.replies_written = 0  # route handlers that have returned (their bytes are sent)
+        # Provider key -> (status, extra headers) it is answered with, whatever the
+        # route: a key the provider refuses (401) or rate-limits (429 + Retry-After).
+        self.key_answers: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         self._requests: list[RecordedRequest] = []
         self._closed_at: dict[int, tuple[float, str]] = {}  # conn id -> (monotonic, by)
         self._cond = threading.Condition()
@@ -393,7 +406,13 @@ class FakeUpstream:
         )
         watcher = asyncio.create_task(self._watch(conn, out))
         try:
-            keep = await fr.route(req.path)(req, out)
+            answer = self.key_answers.get(req.provider_key() or "")
+            if answer is not None:
+                status, extra = answer
+                body = fr.error_body("key_refused", f"this key gets {status}")
+                keep = await out.send(status, body, [*fr.std_headers(body), *extra])
+            else:
+                keep = await fr.route(req.path)(req, out)
             conn.hang_up_next = out.hang_up_next
             if out.body_is_next_request:
                 conn.buf[:0] = req.raw_body

@@ -19,7 +19,9 @@ LIMITED_KEY = "fg-limited-key-73b2a915"
 OPENAI_KEY = "sk-openai-provider-secret-0042"
 ANTHROPIC_KEY = "sk-ant-provider-secret-0042"
 JWT_SECRET = "jwt-signing-secret-of-at-least-32-bytes!"
-SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET]
+# A provider key pool's keys (tests/test_failover.py).
+POOL_KEYS = ("sk-pool-limited-7c1d", "sk-pool-refused-9e2a", "sk-pool-good-4b8f")
+SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET, *POOL_KEYS]
 MINTED_TOKENS: list[str] = []  # every JWT a test made, scanned like the secrets
 
 # The container image test builds an image (minutes, needs podman): only
