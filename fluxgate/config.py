@@ -10,6 +10,7 @@ A worker swaps one `Config` object for another; nothing in it is mutated.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from yarl import URL
 
 from .forwarded import TrustedProxies, parse_networks
 from .headers import drop_headers
+from .tls import upstream_ssl
 
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -67,6 +69,13 @@ class Upstream:
     # Client request headers never forwarded to this upstream (see fluxgate.headers).
     drop_headers: frozenset[bytes]
     usage: str | None = None  # token usage format read from responses; None = off
+    # aiohttp's `ssl=` (fluxgate.tls.upstream_ssl): True = default verification,
+    # False = none, else this upstream's own context (CA, client certificate),
+    # built once per config generation. Not compared: a context has no value equality.
+    tls: ssl.SSLContext | bool = field(default=True, repr=False, compare=False)
+    # `set_headers` as (name as written, value) pairs, sent on every request;
+    # their lower-case names are in drop_headers. Values may be secrets.
+    set_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +148,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
     request_path: str = doc["request_path"]
     # YAML 1.1 reads an unquoted `off` as false: both mean off.
     usage = doc.get("usage", DEFAULT_USAGE)
+    set_headers = tuple((str(n), str(v)) for n, v in (doc.get("set_headers") or {}).items())
     return Upstream(
         name=name,
         request_path=request_path,
@@ -151,8 +161,12 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
         credential=credential,
-        drop_headers=drop_headers(auth_header.encode()),
+        drop_headers=drop_headers(
+            auth_header.encode(), [name.lower().encode() for name, _ in set_headers]
+        ),
         usage=None if usage in (False, "off") else usage,
+        tls=upstream_ssl(doc.get("tls")),
+        set_headers=set_headers,
     )
 
 

@@ -150,6 +150,7 @@ class Forwarder:
                 upstream.origin_url.with_path(path_qs, encoded=True),
                 headers,
                 body,
+                ssl=upstream.tls,
             )
         except (aiohttp.ClientError, OSError) as exc:
             if guard.ours():  # our cancellation, reported as an error

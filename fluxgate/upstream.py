@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -140,12 +141,18 @@ class UpstreamClient:
         url: URL,
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
+        ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
-        """Send the request head (and stream `body`), return once the response head is in."""
+        """Send the request head (and stream `body`), return once the response head is in.
+
+        `ssl`: the upstream's TLS setting (`Upstream.tls`). aiohttp keys its pool
+        by (host, port, ssl), so upstreams with different contexts never share
+        a connection, even to the same host.
+        """
         retry = body is None and method in _RETRY_ON_STALE
         while True:
             try:
-                return await self._exchange(method, url, headers, body)
+                return await self._exchange(method, url, headers, body, ssl)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
                 if not retry:
                     raise
@@ -157,6 +164,7 @@ class UpstreamClient:
         url: URL,
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
+        ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
         req = VerbatimRequest(
             method,
@@ -165,6 +173,7 @@ class UpstreamClient:
             data=body,
             loop=self._loop,
             session=self.session,
+            ssl=ssl,
         )
         conn = await self.connector.connect(req, traces=[], timeout=_NO_TIMEOUT)
         protocol = conn.protocol
