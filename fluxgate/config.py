@@ -50,6 +50,9 @@ class ServerSettings:
     metrics_address: str | None = None
     # Proxies whose X-Forwarded-For names the client for the log (fluxgate.forwarded).
     trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
+    # How long SIGTERM and a retiring worker wait for requests in flight;
+    # build_config sets it (its default is upstreams.request_timeout_ms).
+    shutdown_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,12 @@ def _build_upstream(name: str, doc: Mapping[str, Any]) -> Upstream:
     )
 
 
+def _request_timeout_ms(doc: Mapping[str, Any]) -> int:
+    upstreams_doc = doc.get("upstreams") or {}
+    timeout: int = upstreams_doc.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
+    return timeout
+
+
 def _by_longest_prefix(upstreams: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
     return tuple(sorted(upstreams, key=lambda u: len(u.prefix), reverse=True))
 
@@ -188,6 +197,7 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         metrics=server_doc.get("metrics", DEFAULT_METRICS),
         metrics_address=server_doc.get("metrics_address"),
         trusted_proxies=TrustedProxies(parse_networks(server_doc.get("trusted_proxies") or ())),
+        shutdown_timeout_ms=server_doc.get("shutdown_timeout_ms", _request_timeout_ms(doc)),
     )
     upstreams_doc = doc.get("upstreams") or {}
     upstreams = tuple(

@@ -32,7 +32,7 @@ UPSTREAM_KEYS = (
     "tls",
 )
 USAGE_VALUES = ("openai", "anthropic", "off")
-# The deadline of one upstream exchange; it also bounds a graceful shutdown.
+# The deadline of one upstream exchange, and the bound of server.shutdown_timeout_ms.
 # A day is longer than any LLM exchange, and far below where a timer or
 # float conversion overflows.
 MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
