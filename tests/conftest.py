@@ -19,7 +19,9 @@ LIMITED_KEY = "fg-limited-key-73b2a915"
 OPENAI_KEY = "sk-openai-provider-secret-0042"
 ANTHROPIC_KEY = "sk-ant-provider-secret-0042"
 JWT_SECRET = "jwt-signing-secret-of-at-least-32-bytes!"
-SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET]
+# A `set_headers` value (tests/test_set_headers.py): a secret like api_key.
+SET_HEADER_SECRET = "org-set-header-secret-0042"
+SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET, SET_HEADER_SECRET]
 MINTED_TOKENS: list[str] = []  # every JWT a test made, scanned like the secrets
 
 # The container image test builds an image (minutes, needs podman): only
