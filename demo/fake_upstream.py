@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import signal
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -177,8 +178,11 @@ class FakeUpstream:
     """The fake provider. Observability methods are thread-safe and blocking:
     call them from a thread other than the server's loop (or via ``asyncio.to_thread``)."""
 
-    def __init__(self, *, sse_interval_ms: int = 0) -> None:
+    def __init__(self, *, sse_interval_ms: int = 0, ssl: ssl.SSLContext | None = None) -> None:
         self.sse_interval_ms = sse_interval_ms  # default gap between streamed events
+        # A server context makes it an https:// provider (tests of upstream TLS);
+        # one with verify_mode CERT_REQUIRED asks the proxy for a client certificate.
+        self.ssl = ssl
         self.host = "127.0.0.1"
         self.port = 0
         self.connections_opened = 0
@@ -197,7 +201,9 @@ class FakeUpstream:
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=4 * READ_SIZE)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=4 * READ_SIZE, ssl=self.ssl
+        )
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -216,7 +222,8 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     # --- observability (thread-safe) ---------------------------------------------
 
@@ -451,8 +458,15 @@ class FakeUpstreamThread:
     forwarded to the underlying :attr:`upstream`.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, sse_interval_ms: int = 0) -> None:
-        self.upstream = FakeUpstream(sse_interval_ms=sse_interval_ms)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        sse_interval_ms: int = 0,
+        ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        self.upstream = FakeUpstream(sse_interval_ms=sse_interval_ms, ssl=ssl)
         self._addr = (host, port)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

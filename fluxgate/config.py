@@ -10,6 +10,7 @@ A worker swaps one `Config` object for another; nothing in it is mutated.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from yarl import URL
 
 from .forwarded import TrustedProxies, parse_networks
 from .headers import drop_headers
+from .tls import upstream_ssl
 
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -61,6 +63,9 @@ class ServerSettings:
     metrics_address: str | None = None
     # Proxies whose X-Forwarded-For names the client for the log (fluxgate.forwarded).
     trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
+    # How long SIGTERM and a retiring worker wait for requests in flight;
+    # build_config sets it (its default is upstreams.request_timeout_ms).
+    shutdown_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,13 @@ class Upstream:
     # Client request headers never forwarded to this upstream (see fluxgate.headers).
     drop_headers: frozenset[bytes]
     usage: str | None = None  # token usage format read from responses; None = off
+    # aiohttp's `ssl=` (fluxgate.tls.upstream_ssl): True = default verification,
+    # False = none, else this upstream's own context (CA, client certificate),
+    # built once per config generation. Not compared: a context has no value equality.
+    tls: ssl.SSLContext | bool = field(default=True, repr=False, compare=False)
+    # `set_headers` as (name as written, value) pairs, sent on every request;
+    # their lower-case names are in drop_headers. Values may be secrets.
+    set_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +185,7 @@ def _build_upstream(name: str, doc: Mapping[str, Any], defaults: Mapping[str, An
     request_path: str = doc["request_path"]
     # YAML 1.1 reads an unquoted `off` as false: both mean off.
     usage = doc.get("usage", DEFAULT_USAGE)
+    set_headers = tuple((str(n), str(v)) for n, v in (doc.get("set_headers") or {}).items())
     return Upstream(
         name=name,
         request_path=request_path,
@@ -189,8 +202,12 @@ def _build_upstream(name: str, doc: Mapping[str, Any], defaults: Mapping[str, An
         origin_url=URL(f"{scheme}://{authority}", encoded=True),
         base_path=parts.path.rstrip("/").encode(),
         host_item=("host", authority if host.isascii() else authority.encode("idna").decode()),
-        drop_headers=drop_headers(auth_header.encode()),
+        drop_headers=drop_headers(
+            auth_header.encode(), [name.lower().encode() for name, _ in set_headers]
+        ),
         usage=None if usage in (False, "off") else usage,
+        tls=upstream_ssl(doc.get("tls")),
+        set_headers=set_headers,
     )
 
 
@@ -224,6 +241,12 @@ def _timeouts(doc: Mapping[str, Any], defaults: Mapping[str, Any]) -> Timeouts:
     )
 
 
+def _request_timeout_ms(doc: Mapping[str, Any]) -> int:
+    upstreams_doc = doc.get("upstreams") or {}
+    timeout: int = upstreams_doc.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
+    return timeout
+
+
 def _by_longest_prefix(upstreams: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
     return tuple(sorted(upstreams, key=lambda u: len(u.prefix), reverse=True))
 
@@ -242,6 +265,7 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         metrics=server_doc.get("metrics", DEFAULT_METRICS),
         metrics_address=server_doc.get("metrics_address"),
         trusted_proxies=TrustedProxies(parse_networks(server_doc.get("trusted_proxies") or ())),
+        shutdown_timeout_ms=server_doc.get("shutdown_timeout_ms", _request_timeout_ms(doc)),
     )
     upstreams_doc = doc.get("upstreams") or {}
     upstreams = tuple(

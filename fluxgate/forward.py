@@ -264,6 +264,7 @@ class Forwarder:
                     headers if key is None else [*headers, key.credential],
                     None if body is None else body.stream(),
                     upstream.timeouts.connect,
+                    upstream.tls,
                 )
             except (aiohttp.ClientError, OSError) as exc:
                 guard.head_arrived()

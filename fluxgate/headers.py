@@ -7,6 +7,7 @@ headers, `Host` and `Expect`, which the proxy replaces or consumes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final, Protocol
 
 
@@ -17,6 +18,8 @@ class Target(Protocol):
     def host_item(self) -> tuple[str, str]: ...
     @property
     def drop_headers(self) -> frozenset[bytes]: ...
+    @property
+    def set_headers(self) -> tuple[tuple[str, str], ...]: ...
 
 
 HOP_BY_HOP: Final = frozenset(
@@ -42,11 +45,12 @@ CREDENTIAL_HEADERS: Final = frozenset({b"authorization", b"x-api-key", b"api-key
 _DROP_UPSTREAM: Final = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"host", b"expect"}
 
 
-def drop_headers(auth_header: bytes) -> frozenset[bytes]:
+def drop_headers(auth_header: bytes, set_names: Iterable[bytes] = ()) -> frozenset[bytes]:
     """Client headers not forwarded to an upstream whose key goes in `auth_header`:
     a client's own copy of that header (`x-goog-api-key`, say) would reach the
-    provider ahead of ours."""
-    return _DROP_UPSTREAM | {auth_header}
+    provider ahead of ours. `set_names`: the upstream's `set_headers` (lower
+    case), replaced the same way, so each reaches the provider once."""
+    return _DROP_UPSTREAM | {auth_header} | frozenset(set_names)
 
 
 def wire_text(raw: bytes) -> str:
@@ -92,6 +96,7 @@ def upstream_headers(
         out += [(n.decode(), v.decode()) for n, v in headers if n not in drop]
     except UnicodeDecodeError:  # rare: some value is not UTF-8
         out += [(n.decode(), wire_text(v)) for n, v in headers if n not in drop]
+    out += upstream.set_headers
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -143,17 +144,21 @@ class UpstreamClient:
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
         connect_timeout: float,
+        ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
         """Send the request head (and stream `body`), return once the response head is in.
 
         `connect_timeout` bounds getting a connection (TCP and TLS); a pooled
         one is there at once. Failing it raises `aiohttp.ConnectionTimeoutError`.
+        `ssl`: the upstream's TLS setting (`Upstream.tls`). aiohttp keys its pool
+        by (host, port, ssl), so upstreams with different contexts never share
+        a connection, even to the same host.
         """
         retry = body is None and method in _RETRY_ON_STALE
         timeout = _connect_timeout(connect_timeout)
         while True:
             try:
-                return await self._exchange(method, url, headers, body, timeout)
+                return await self._exchange(method, url, headers, body, timeout, ssl)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
                 if not retry:
                     raise
@@ -166,6 +171,7 @@ class UpstreamClient:
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
         timeout: aiohttp.ClientTimeout,
+        ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
         req = VerbatimRequest(
             method,
@@ -174,6 +180,7 @@ class UpstreamClient:
             data=body,
             loop=self._loop,
             session=self.session,
+            ssl=ssl,
         )
         conn = await self._connect(req, timeout)
         protocol = conn.protocol

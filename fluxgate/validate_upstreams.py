@@ -3,20 +3,25 @@
 Each upstream: `target_url` an absolute http(s) URL with a host and no query,
 fragment or user info; `request_path` a unique ASCII prefix; an optional
 `api_key` (Latin-1, header-safe), `auth_header` (a header name the proxy
-does not set itself) and `usage` format. Every problem is listed with its
-field path; no secret is echoed.
+does not set itself), `usage` format, `set_headers` (names by the
+`auth_header` rules, values like `api_key`: secrets) and `tls` (absolute
+paths to PEM files, loaded here by the same function that builds the config,
+fluxgate.tls). Every problem is listed with its field path; no secret is echoed.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
 from fluxgate.addresses import plain_ascii, port_digits_ok, valid_url_host
 from fluxgate.checks import Checks, field_path, has_control, kind, quote, shown
-from fluxgate.config import TIMEOUT_SETTINGS, UPSTREAM_SETTINGS
+from fluxgate.config import DEFAULT_AUTH_HEADER, TIMEOUT_SETTINGS, UPSTREAM_SETTINGS
+from fluxgate.tls import FILE_KEYS, TLS_KEYS, TLSFileError, upstream_ssl
 
 UPSTREAM_KEYS = (
     "target_url",
@@ -25,6 +30,8 @@ UPSTREAM_KEYS = (
     "api_keys",
     "auth_header",
     "usage",
+    "set_headers",
+    "tls",
     *TIMEOUT_SETTINGS,
     "max_attempts",
     "retry_on",
@@ -33,7 +40,7 @@ UPSTREAM_KEYS = (
 )
 POOL_KEY_KEYS = ("id", "key", "weight")
 USAGE_VALUES = ("openai", "anthropic", "off")
-# The deadline of one upstream exchange; it also bounds a graceful shutdown.
+# The deadline of one upstream exchange, and the bound of server.shutdown_timeout_ms.
 # A day is longer than any LLM exchange, and far below where a timer or
 # float conversion overflows.
 MAX_REQUEST_TIMEOUT_MS = 24 * 60 * 60 * 1000
@@ -120,6 +127,10 @@ class UpstreamChecks(Checks):
             # False: YAML 1.1 reads an unquoted `off` as a boolean.
             choices = ", ".join(USAGE_VALUES)
             self.add(f"{path}.usage", f"must be one of {choices}; got {shown(spec['usage'])}")
+        if "set_headers" in spec:
+            self.set_headers(f"{path}.set_headers", spec)
+        if "tls" in spec:
+            self.tls(f"{path}.tls", spec)
         self.timeouts(path, spec)
         self.failover(path, spec)
 
@@ -238,3 +249,54 @@ class UpstreamChecks(Checks):
             self.add(path, f"must be a valid HTTP header name, got {quote(value)}")
         elif value.lower() in FORBIDDEN_AUTH_HEADERS:
             self.add(path, f"must not be {quote(value)}: the proxy manages that header itself")
+
+    def set_headers(self, path: str, spec: dict[object, object]) -> None:
+        """Headers set on every request: names as for auth_header, values secret."""
+        headers = self.section(path, spec["set_headers"], None)
+        # The header carrying api_key; without api_key or auth_header none is sent.
+        auth = spec.get("auth_header", DEFAULT_AUTH_HEADER)
+        in_use = isinstance(auth, str) and ("api_key" in spec or "auth_header" in spec)
+        seen: dict[str, str] = {}  # lower-case name -> name as first written
+        for name, value in headers.items():
+            item = field_path(path, name)
+            header = self.string(item, name)
+            if header is None:
+                continue
+            self.auth_header(item, header)
+            lower = header.lower()
+            if in_use and lower == str(auth).lower():
+                self.add(item, "is the auth_header, which carries api_key; set the value there")
+            if lower in seen:
+                self.add(item, f"the same header as {quote(seen[lower])} (names ignore case)")
+            seen.setdefault(lower, header)
+            if isinstance(value, bool | int | float | date):
+                # `anthropic-version: 2023-06-01` unquoted is a date to YAML.
+                self.add(item, f"must be a string, got {kind(value)}; quote it in the YAML")
+            else:
+                self.header_secret(item, value, charset="Latin-1")
+
+    def tls(self, path: str, spec: dict[object, object]) -> None:
+        section = self.section(path, spec["tls"], TLS_KEYS)
+        errors = len(self.errors)
+        verify = section.get("verify", True)
+        if not isinstance(verify, bool):
+            self.add(f"{path}.verify", f"must be true or false, got {shown(verify)}")
+        for key in FILE_KEYS:
+            if key in section:
+                file = self.string(f"{path}.{key}", section[key])
+                if file is not None and (has_control(file) or not os.path.isabs(file)):
+                    self.add(f"{path}.{key}", f"must be an absolute path, got {quote(file)}")
+        if "key_file" in section and "cert_file" not in section:
+            self.add(f"{path}.key_file", "set without cert_file (the certificate it belongs to)")
+        if verify is False and "ca_file" in section:
+            self.add(f"{path}.ca_file", "set while verify is false; remove one of them")
+        url = spec.get("target_url")
+        if section and isinstance(url, str) and url.lower().startswith("http://"):
+            self.add(path, "set for an http:// target_url; use https:// or remove tls")
+        if len(self.errors) > errors:
+            return  # the files are read only once their settings make sense
+        try:
+            upstream_ssl(section)
+        except TLSFileError as exc:
+            for key, message in exc.problems:
+                self.add(f"{path}.{key}", message)

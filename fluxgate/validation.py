@@ -60,7 +60,7 @@ from fluxgate.checks import kind, number_text, quote, shown, suggest
 from fluxgate.config import DEFAULT_BIND_ADDRESS, split_bind_address
 from fluxgate.forwarded import parse_networks
 from fluxgate.limits import MAX_SLOTS
-from fluxgate.validate_upstreams import UpstreamChecks
+from fluxgate.validate_upstreams import MAX_REQUEST_TIMEOUT_MS, UpstreamChecks
 
 TOP_KEYS = ("version", "server", "upstreams", "api_keys")
 SERVER_KEYS = (
@@ -70,6 +70,7 @@ SERVER_KEYS = (
     "metrics",
     "metrics_address",
     "trusted_proxies",
+    "shutdown_timeout_ms",
 )
 API_KEYS_KEYS = ("static", "jwt")
 STATIC_KEY_KEYS = ("id", "key", "upstreams")
@@ -133,6 +134,13 @@ class _Validator(UpstreamChecks):
                 "and a bind_address change runs two pools at once",
             )
         self.metrics(server)
+        if "shutdown_timeout_ms" in server:
+            self.positive_int(
+                "server.shutdown_timeout_ms",
+                server["shutdown_timeout_ms"],
+                MAX_REQUEST_TIMEOUT_MS,
+                "24 hours, as for request_timeout_ms",
+            )
         if "trusted_proxies" in server:
             self.trusted_proxies(server["trusted_proxies"])
 

@@ -52,6 +52,13 @@ class WorkerContext(Protocol):
         metrics listener: a worker keeping it open would keep its port open)."""
 
 
+def drain_seconds(config: Config) -> int:
+    """How long a stopping worker (SIGTERM, or retired by the master) lets
+    requests in flight finish before cancelling them: server.shutdown_timeout_ms,
+    in uvicorn's whole seconds, rounded up."""
+    return math.ceil(config.server.shutdown_timeout_ms / 1000)
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal capture: the worker owns signals.
 
@@ -117,7 +124,7 @@ class FluxgateWorker(Worker):
             proxy_headers=False,
             log_config=None,
             timeout_keep_alive=self.cfg.keepalive,
-            timeout_graceful_shutdown=math.ceil(config.request_timeout_ms / 1000),
+            timeout_graceful_shutdown=drain_seconds(config),
         )
         self.server = server = _Server(uv_config)
         loop = asyncio.get_running_loop()
@@ -167,7 +174,7 @@ class FluxgateWorker(Worker):
         self.proxy.config = config
         self.gate.limit = config.server.max_connections
         self._configure_metrics(config)
-        self.server.config.timeout_graceful_shutdown = math.ceil(config.request_timeout_ms / 1000)
+        self.server.config.timeout_graceful_shutdown = drain_seconds(config)
         self._set_title()
         log.debug("worker applied config generation %d", config.generation)
 

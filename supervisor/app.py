@@ -91,7 +91,8 @@ class FluxgateApplication(BaseApplication):
         return self.workers_override or config.server.workers or os.cpu_count() or 1
 
     def graceful_timeout(self, config: Config) -> int:
-        return math.ceil(config.request_timeout_ms / 1000 + SHUTDOWN_MARGIN)
+        # The workers' own drain bound (server.shutdown_timeout_ms), plus a margin.
+        return math.ceil(config.server.shutdown_timeout_ms / 1000 + SHUTDOWN_MARGIN)
 
     def load_config(self) -> None:
         config = self.current_config

@@ -6,7 +6,7 @@ What changes from the stock Arbiter, and why (docs/architecture.md, "Library tra
   every worker and block the master for up to the graceful timeout.
 - The inotify watcher runs in a thread and only enqueues a wake-up; the
   file is read and validated here, in the main loop, one change at a time.
-- SIGINT shuts down as gracefully as SIGTERM, bounded by request_timeout_ms.
+- SIGINT shuts down as gracefully as SIGTERM, bounded by server.shutdown_timeout_ms.
 - A change of `server.bind_address` binds the new address first (keeping the
   old listener if that fails), then replaces the workers gracefully; a change
   of `server.workers` grows or shrinks the pool.

@@ -21,7 +21,10 @@ ANTHROPIC_KEY = "sk-ant-provider-secret-0042"
 JWT_SECRET = "jwt-signing-secret-of-at-least-32-bytes!"
 # A provider key pool's keys (tests/test_failover.py).
 POOL_KEYS = ("sk-pool-limited-7c1d", "sk-pool-refused-9e2a", "sk-pool-good-4b8f")
-SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET, *POOL_KEYS]
+# A `set_headers` value (tests/test_set_headers.py): a secret like api_key.
+SET_HEADER_SECRET = "org-set-header-secret-0042"
+SECRETS = [CLIENT_KEY, LIMITED_KEY, OPENAI_KEY, ANTHROPIC_KEY, JWT_SECRET, SET_HEADER_SECRET,
+           *POOL_KEYS]  # fmt: skip
 MINTED_TOKENS: list[str] = []  # every JWT a test made, scanned like the secrets
 
 # The container image test builds an image (minutes, needs podman): only
