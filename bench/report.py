@@ -15,13 +15,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MARKDOWN = HERE.parent / "BENCHMARKS.md"
 CHART = HERE / "latency.png"
-SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace"]
+SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool"]
 LABELS = {
     "direct": "direct",
     "nginx": "nginx proxy_pass",
     "passthrough": "pass-through",
     "fluxgate": "Fluxgate",
     "fluxgate-trace": "Fluxgate, TRACE log",
+    "fluxgate-pool": "Fluxgate, 3-key pool",
 }
 SHORT = {
     "direct": "direct",
@@ -29,6 +30,7 @@ SHORT = {
     "passthrough": "pass-\nthrough",
     "fluxgate": "Fluxgate",
     "fluxgate-trace": "Fluxgate\nTRACE",
+    "fluxgate-pool": "Fluxgate\n3-key pool",
 }
 PERCENTILES = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
 
@@ -86,6 +88,7 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
         ("Fluxgate / pass-through", "fluxgate", "passthrough"),
         ("pass-through / nginx", "passthrough", "nginx"),
         ("Fluxgate TRACE / Fluxgate (logging cost)", "fluxgate-trace", "fluxgate"),
+        ("Fluxgate 3-key pool / Fluxgate (pool cost)", "fluxgate-pool", "fluxgate"),
     ):
         d["ratios"][label] = paired(thr, a, b, "rps", ratio)
     d["trace_added_p50"] = paired(lat, "fluxgate-trace", "fluxgate", "p50", diff)
@@ -302,9 +305,9 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         f"- load average before / after the run: {' '.join(m['loadavg_before'])} / "
         f"{' '.join(m.get('loadavg_after', []))}; CPU busy in the 2 s before it: "
         f"{m['busy_before']:.0%}",
-        f"- Python {v['python']}, fluxgate {v['fluxgate']}, uvicorn {v['uvicorn']}, aiohttp "
-        f"{v['aiohttp']}, gunicorn {v['gunicorn']}, uvloop {v['uvloop']}, httptools "
-        f"{v['httptools']}; {v['nginx']}; {v['wrk']}",
+        f"- Python {v['python']}, fluxgate-gateway {v['fluxgate-gateway']}, "
+        f"uvicorn {v['uvicorn']}, aiohttp {v['aiohttp']}, gunicorn {v['gunicorn']}, "
+        f"uvloop {v['uvloop']}, httptools {v['httptools']}; {v['nginx']}; {v['wrk']}",
         "",
         "## What is measured, and how",
         "",

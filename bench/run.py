@@ -29,7 +29,7 @@ from . import clients, observability, report
 from .servers import ROOT, Stack, System, http_get, rss_kib, write_fluxgate_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace"]
+ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool"]
 PROXIES = ["nginx", "passthrough", "fluxgate"]
 GIB = 1 << 30
 
@@ -93,7 +93,7 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     v = {"python": platform.python_version()}
-    for pkg in ("fluxgate", "uvicorn", "aiohttp", "gunicorn", "uvloop", "httptools"):
+    for pkg in ("fluxgate-gateway", "uvicorn", "aiohttp", "gunicorn", "uvloop", "httptools"):
         v[pkg] = version(pkg)
     v["nginx"] = _cmd_output([shutil.which("nginx") or "/usr/sbin/nginx", "-v"])
     v["wrk"] = _cmd_output(["wrk", "-v"]).split(" Copyright")[0]

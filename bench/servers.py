@@ -202,6 +202,14 @@ def fluxgate_doc(
                 "api_key": UPSTREAM_KEY,
                 "usage": usage,
             },
+            # The same canned upstream through a pool of three keys (the
+            # fluxgate-pool system): what choosing a key costs per request.
+            "pooled": {
+                "request_path": "/pooled",
+                "target_url": f"http://127.0.0.1:{canned}",
+                "api_keys": [{"id": f"k{i}", "key": f"{UPSTREAM_KEY}-{i}"} for i in range(3)],
+                "usage": usage,
+            },
         },
         "api_keys": {"static": keys},
     }
@@ -341,6 +349,12 @@ class Stack:
                 name, ports[key], proxied, ports[key], "/sse", proc, config,
                 {"canned": c, "sse": s},
             )  # fmt: skip
+        # The pool: the same Fluxgate process, its pooled route.
+        fg = self.systems["fluxgate"]
+        self.systems["fluxgate-pool"] = System(
+            "fluxgate-pool", fg.port, fg.json_path.replace("/openai/", "/pooled/", 1), fg.sse_port,
+            "/sse", fg.proc, fg.config_path, fg.ports,
+        )  # fmt: skip
         for system in self.systems.values():
             _wait(system.proc, system.port, system.json_path)
         for name in ("fluxgate", "fluxgate-trace"):
