@@ -365,7 +365,7 @@ def chart(raw: dict[str, Any], d: dict[str, Any], path: Path = CHART) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(SYSTEMS)
-    colours = ["#7f7f7f", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e"]
+    colours = ["#7f7f7f", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd"]
     for i, name in enumerate(SYSTEMS):
         meds = [d["lat"][name][p][0] / 1000 for p, _ in PERCENTILES]
         lo = [meds[j] - d["lat"][name][p][1] / 1000 for j, (p, _) in enumerate(PERCENTILES)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -160,6 +161,15 @@ class Conn:
                 yield data
         except (ConnectionError, TimeoutError):
             return
+
+    def iter_events(self, resp: Response) -> Iterator[tuple[bytes, float]]:
+        """Each SSE event of the body (without its blank line) and when it arrived."""
+        buffer = b""
+        for data in self.iter_chunks(resp):
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                yield event, time.monotonic()
 
     def at_eof(self, timeout: float = 2.0) -> bool:
         """True when the peer closes (or resets) the connection within `timeout`

@@ -51,12 +51,7 @@ def test_sse_events_arrive_one_by_one_as_the_upstream_emits_them(sup: Supervisor
         resp = conn.read_head()
         assert resp.status == 200
         assert resp.header_values("content-type")[0].startswith(b"text/event-stream")
-        buffer = b""
-        for data in conn.iter_chunks(resp):
-            buffer += data
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                arrivals.append((event, time.monotonic()))
+        arrivals += conn.iter_events(resp)
         assert resp.complete
     assert [event for event, _ in arrivals] == [b"data: event %d" % i for i in range(1, 6)]
     times = [t for _, t in arrivals]
