@@ -148,7 +148,8 @@ class Guard:
 
 class RequestBody:
     """The client's body, streamed up as it arrives; kept (by reference, up to
-    `limit` bytes) while it is sent, so that a failover attempt can send it again."""
+    `limit` bytes; never when `limit` is negative) while it is sent, so that a
+    failover attempt can send it again."""
 
     __slots__ = ("complete", "ex", "kept", "limit", "receive", "size")
 
@@ -245,8 +246,10 @@ class Forwarder:
         ex.target_url = upstream.origin + path_qs
         url = upstream.origin_url.with_path(path_qs, encoded=True)  # not URL(): keeps a bare "?"
         headers = upstream_headers(scope["headers"], upstream, ex.connection_tokens)
-        body = RequestBody(receive, ex, upstream.retry_body_limit) if ex.has_body else None
         pool = self.pools.pool(upstream) if len(upstream.keys) > 1 else None
+        # Kept for a replay only where one can happen: a pool that may fail over.
+        replay = upstream.retry_body_limit if pool and upstream.max_attempts > 1 else -1
+        body = RequestBody(receive, ex, replay) if ex.has_body else None
         tried: set[int] = set()
         while True:
             index = 0 if pool is None else pool.choose(time.monotonic(), frozenset(tried))

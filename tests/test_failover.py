@@ -9,6 +9,7 @@ algorithm and the Retry-After forms are unit-tested at the bottom.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -325,6 +326,7 @@ def test_retry_after_as_an_http_date() -> None:
 
 
 def body_of(*chunks: bytes, length: int | None = None, limit: int = 10) -> RequestBody:
+    """A body as the app's receive() hands it over, kept up to `limit` bytes."""
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
                 for i, c in enumerate(chunks)]  # fmt: skip
 
@@ -350,8 +352,6 @@ async def drain(body: RequestBody) -> bytes:
 def test_only_a_body_within_the_limit_is_kept_for_a_replay(
     chunks: tuple[bytes, ...], length: int | None, replayable: bool
 ) -> None:
-    import asyncio
-
     body = body_of(*chunks, length=length)
     assert asyncio.run(drain(body)) == b"".join(chunks)
     assert body.replayable is replayable
@@ -405,3 +405,9 @@ def test_global_timeout_defaults_apply_unless_an_upstream_sets_its_own() -> None
     assert (a.timeouts.request, a.timeouts.connect, a.timeouts.first_byte, a.timeouts.idle) == (
         9.0, 0.7, 9.0, 0.8)  # fmt: skip
     assert (b.timeouts.first_byte, b.timeouts.idle) == (0.05, 0.1)
+
+
+def test_a_body_is_never_kept_where_no_replay_can_happen() -> None:
+    body = body_of(b"abc", limit=-1)
+    assert asyncio.run(drain(body)) == b"abc"
+    assert body.kept is None and not body.replayable
