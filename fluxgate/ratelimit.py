@@ -94,7 +94,7 @@ class Limiter(abc.ABC):
         `tokens` to the bucket's minute window and UTC day. Raises
         `LimitBackendError` when it cannot."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing
         """Release connections (a network backend); the local one has none."""
 
 
