@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, Final
 
 import jwt
@@ -118,7 +119,11 @@ def _verify_jwt(config: Config, token: bytes) -> tuple[Principal, float, float]:
         raise AuthError(BAD_SIGNATURE) from None
     except jwt.PyJWTError:
         raise AuthError(MALFORMED) from None
-    return config.jwt_principals[kid], *_valid_window(claims)
+    principal = config.jwt_principals[kid]
+    if principal.limit_by_sub:  # each subject its own bucket (fluxgate.ratelimit)
+        subject = claims.get("sub")
+        principal = replace(principal, bucket=f"{principal.bucket}:sub:{subject or ''}")
+    return principal, *_valid_window(claims)
 
 
 def _outside(start: float, end: float, now: float) -> AuthError | None:

@@ -21,6 +21,7 @@ from yarl import URL
 
 from .forwarded import TrustedProxies, parse_networks
 from .headers import drop_headers
+from .ratelimit import POLICY_LIMITS, LimitSettings, Policy
 from .tls import upstream_ssl
 
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8080"
@@ -122,10 +123,14 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a credential is: its id for logs and the routes it may use."""
+    """Who a credential is: its id for logs, the routes it may use, and the
+    bucket its requests count in under its limits policy (fluxgate.ratelimit)."""
 
     key_id: str | None
     routes: tuple[Upstream, ...]  # longest prefix first
+    policy: Policy | None = None
+    bucket: str = ""  # "static:ID", "jwt:KID", or "jwt:KID:sub:SUBJECT" per token
+    limit_by_sub: bool = False  # a JWT key whose tokens count per subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,8 @@ class Config:
     generation: int = 0
     # Running on the safe defaults: no valid file has been applied yet (health: 503).
     safe_defaults: bool = False
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    policies: Mapping[str, Policy] = field(default_factory=dict, repr=False)
     # JWTs verified under this config: token -> (principal, valid from, valid
     # until). The one part that fills as requests come (fluxgate.auth); it goes
     # with the config, so a reload (new keys) starts it empty.
@@ -278,15 +285,27 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
 
     keys_doc = doc.get("api_keys") or {}
     static_keys: dict[bytes, Principal] = {}
+    limits_doc = doc.get("limits") or {}
+    policies = {
+        name: Policy(name, **{k: spec.get(k) for k in POLICY_LIMITS})
+        for name, spec in (limits_doc.get("policies") or {}).items()
+    }
     for entry in keys_doc.get("static") or ():
         allowed = entry.get("upstreams") or ()
         routes = _by_longest_prefix(tuple(by_name[n] for n in allowed)) if allowed else all_routes
-        static_keys[key_digest(entry["key"].encode())] = Principal(entry.get("id"), routes)
+        policy = policies.get(entry.get("limits") or "")
+        static_keys[key_digest(entry["key"].encode())] = Principal(
+            entry.get("id"), routes, policy, f"static:{entry.get('id')}"
+        )
     jwt_keys: dict[str, bytes] = {}
     jwt_principals: dict[str, Principal] = {}
     for entry in keys_doc.get("jwt") or ():
         jwt_keys[entry["id"]] = entry["key"].encode()
-        jwt_principals[entry["id"]] = Principal(entry["id"], all_routes)
+        policy = policies.get(entry.get("limits") or "")
+        by_sub = entry.get("limit_by", "kid") == "sub"
+        jwt_principals[entry["id"]] = Principal(
+            entry["id"], all_routes, policy, f"jwt:{entry['id']}", by_sub
+        )
 
     return Config(
         server=server,
@@ -297,6 +316,12 @@ def build_config(doc: Mapping[str, Any], generation: int = 0) -> Config:
         jwt_principals=MappingProxyType(jwt_principals),
         generation=generation,
         safe_defaults=bool(doc.get(SAFE_DEFAULTS_KEY)),
+        limits=LimitSettings(
+            backend=limits_doc.get("backend", "local"),
+            redis_url=limits_doc.get("redis_url"),
+            on_backend_error=limits_doc.get("on_backend_error", "allow"),
+        ),
+        policies=MappingProxyType(policies),
     )
 
 

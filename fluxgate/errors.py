@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http
 import json
+import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -176,3 +177,37 @@ UPSTREAM_FIRST_BYTE_TIMEOUT: Final = ErrorResponse.make(
     "the upstream sent no response head within first_byte_timeout_ms",
     "upstream_first_byte_timeout",
 )
+
+
+# Per-key limits (fluxgate.ratelimit): the 429's body per limit, and its headers.
+LIMIT_MESSAGES: Final = {
+    "requests": "over this key's requests per minute",
+    "tokens": "over this key's tokens per minute",
+    "concurrent": "over this key's concurrent requests",
+    "budget": "over this key's tokens per day",
+}
+_RATE_LIMITED_BODIES: Final = {
+    limit: error_body("rate_limited", message) for limit, message in LIMIT_MESSAGES.items()
+}
+LIMIT_BACKEND_DOWN: Final = ErrorResponse.make(
+    503,
+    "limit_backend_unavailable",
+    "the limit backend cannot be reached (limits.on_backend_error: deny)",
+)
+
+
+def rate_limited(limit: str, maximum: int, remaining: int, reset: float) -> ErrorResponse:
+    """The 429 for a request over `limit`: Retry-After in whole seconds, and the
+    x-ratelimit-* headers naming the limit (only ever on Fluxgate's own 429)."""
+    body = _RATE_LIMITED_BODIES[limit]
+    seconds = max(1, math.ceil(reset))
+    name = limit.encode()
+    headers = (
+        *error_headers(body),
+        (b"retry-after", b"%d" % seconds),
+        (b"x-ratelimit-limit-" + name, b"%d" % maximum),
+        (b"x-ratelimit-remaining-" + name, b"%d" % remaining),
+        (b"x-ratelimit-reset-" + name, b"%ds" % seconds),
+    )
+    return ErrorResponse(429, "rate_limited", LIMIT_MESSAGES[limit], "rate_limited", body,
+                         headers, b"")  # fmt: skip

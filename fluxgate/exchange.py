@@ -47,6 +47,8 @@ class Exchange:
         "finished",
         "has_body",
         "key_id",
+        "limit",
+        "limited",
         "method",
         "outcome",
         "provider_key",
@@ -84,6 +86,9 @@ class Exchange:
         self.outcome = "ok"
         self.key_id: str | None = None
         self.auth_error: str | None = None  # why authentication failed (fluxgate.auth)
+        self.limit: str | None = None  # the limit a 429 of ours names (fluxgate.ratelimit)
+        # Admitted under a policy: what ends it (limiter, bucket, policy), once.
+        self.limited: tuple[Any, str, Any] | None = None
         self.upstream: str | None = None
         self.target_url: str | None = None
         self.provider_key: str | None = None  # the id of the last attempt's key

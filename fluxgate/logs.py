@@ -433,6 +433,7 @@ def request_values(ex: Exchange, client_ip: str | None, duration: float) -> tupl
         ex.outcome,
         ex.attempts,
         ex.auth_error,
+        ex.limit,
         duration,
         ex.ttfb_ms,
         ex.request_bytes,
@@ -445,8 +446,8 @@ def request_values(ex: Exchange, client_ip: str | None, duration: float) -> tupl
 def request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
     """The log line's fields (those that are not None), from `request_values`."""
     (client_ip, method, target, request_length, key_id, upstream, provider_key, target_url,
-     status, outcome, attempts, auth_error, duration, ttfb_ms, request_bytes, response_bytes,
-     response_length, usage) = values  # fmt: skip
+     status, outcome, attempts, auth_error, limit, duration, ttfb_ms, request_bytes,
+     response_bytes, response_length, usage) = values  # fmt: skip
     fields: dict[str, Any] = {"client_ip": client_ip, "method": method,
                               "request_url": loggable_target(target)}  # fmt: skip
     if client_ip is None:
@@ -467,6 +468,8 @@ def request_fields(values: tuple[Any, ...]) -> dict[str, Any]:
         fields["attempts"] = attempts
     if auth_error is not None:
         fields["auth_error"] = auth_error
+    if limit is not None:
+        fields["limit"] = limit
     fields["duration_ms"] = round(duration * 1000, 3)
     if ttfb_ms is not None:
         fields["ttfb_ms"] = round(ttfb_ms, 3)
@@ -486,8 +489,8 @@ def request_text(values: tuple[Any, ...]) -> str:
     (tests/test_logs.py checks it on generated values).
     """
     (client_ip, method, target, request_length, key_id, upstream, provider_key, target_url,
-     status, outcome, attempts, auth_error, duration, ttfb_ms, request_bytes, response_bytes,
-     response_length, usage) = values  # fmt: skip
+     status, outcome, attempts, auth_error, limit, duration, ttfb_ms, request_bytes,
+     response_bytes, response_length, usage) = values  # fmt: skip
     parts = [] if client_ip is None else ["client_ip=" + text_str[client_ip]]
     parts.append("method=" + text_str[method])
     parts.append("request_url=" + text_str[loggable_target(target)])
@@ -506,6 +509,8 @@ def request_text(values: tuple[Any, ...]) -> str:
         parts.append(f"attempts={attempts}")
     if auth_error is not None:
         parts.append("auth_error=" + auth_error)  # one of fluxgate.auth's fixed words
+    if limit is not None:
+        parts.append("limit=" + limit)  # one of fluxgate.ratelimit's fixed words
     parts.append(f"duration_ms={round(duration * 1000, 3)}")
     if ttfb_ms is not None:
         parts.append(f"ttfb_ms={round(ttfb_ms, 3)}")

@@ -131,6 +131,18 @@ class WorkerSeries:
             ["upstream", "provider_key", "result"],
             registry=None,
         )
+        self.rate_limited = Counter(
+            "fluxgate_rate_limited",
+            "Requests refused with 429 by a key's limits, by key id and limit "
+            "(requests, tokens, concurrent, budget).",
+            ["key_id", "limit"],
+            registry=None,
+        )
+        self.limit_backend_errors = Counter(
+            "fluxgate_limit_backend_errors",
+            "Calls to the limit backend (Redis) that got no answer.",
+            registry=None,
+        )
         self.benched = Gauge(
             "fluxgate_provider_key_benched",
             "1 while a provider key rests after a 429, 401 or 403 (in any worker).",
@@ -194,6 +206,8 @@ class WorkerMetrics:
         self._tokens: dict[tuple[str, str, str], int] = {}
         self._unavailable: dict[tuple[str, str], int] = {}
         self._attempts: dict[tuple[str, str, str], int] = {}
+        self._rate_limited: dict[tuple[str, str], int] = {}
+        self._backend_errors = 0
         self._durations: dict[str, _Histogram] = {}
         self._ttfbs: dict[str, _Histogram] = {}
 
@@ -270,6 +284,12 @@ class WorkerMetrics:
             self._count_usage(ex.usage, upstream, key)
         if ex.attempts:
             self._count_attempts(ex, upstream)
+        if ex.limit is not None:
+            pair = (key, ex.limit)
+            self._rate_limited[pair] = self._rate_limited.get(pair, 0) + 1
+
+    def limit_backend_error(self) -> None:
+        self._backend_errors += 1
 
     def _count_attempts(self, ex: Exchange, upstream: str) -> None:
         attempts = self._attempts
@@ -331,10 +351,14 @@ class WorkerMetrics:
             (s.tokens, self._tokens),
             (s.usage_unavailable, self._unavailable),
             (s.attempts, self._attempts),
+            (s.rate_limited, self._rate_limited),
         ):
             for labels, amount in sums.items():
                 self._child(counter, *labels).inc(amount)
             sums.clear()
+        if self._backend_errors:
+            s.limit_backend_errors.inc(self._backend_errors)
+            self._backend_errors = 0
         for histogram_metric, histograms in ((s.duration, self._durations), (s.ttfb, self._ttfbs)):
             for upstream, histogram in histograms.items():
                 # Histogram.observe takes one value; the batch goes straight to

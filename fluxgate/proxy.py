@@ -4,8 +4,9 @@ README "Request handling": the protocol (fluxgate.protocol, which this app
 requires) has already refused what HTTP itself forbids (steps 1–4) and hands
 over an `Exchange` with what the request head said. Here, in order: Fluxgate's
 own endpoints, the path check, authentication (5), routing (6), the policy
-step, forwarding (7–11, fluxgate.forward). Every refusal is a `ProxyError`
-around a prebuilt response (fluxgate.errors). When the request ends, its
+step (per-key limits, fluxgate.ratelimit), forwarding (7–11,
+fluxgate.forward). Every refusal is a `ProxyError` around a prebuilt
+response (fluxgate.errors). When the request ends, its
 metrics and its log line are queued from the Exchange.
 
 `ProxyApp.config` is the only mutable attribute: the worker replaces it with
@@ -17,23 +18,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .auth import AuthError, authenticate
 from .config import Config, Principal, Upstream, default_config
 from .endpoints import OwnEndpoints, is_reserved
-from .errors import DOT_SEGMENT, NOT_FOUND, ErrorResponse, ProxyError, StreamAborted
+from .errors import (
+    DOT_SEGMENT,
+    LIMIT_BACKEND_DOWN,
+    NOT_FOUND,
+    ErrorResponse,
+    ProxyError,
+    StreamAborted,
+    rate_limited,
+)
 from .exchange import EXCHANGE_SCOPE_KEY, Exchange, Scope
 from .forward import Forwarder
 from .logs import TRACE, RequestLog, request_fields, request_log, request_text, request_values
 from .metrics import WorkerMetrics
+from .ratelimit import BackendHealth, LimitBackendError, Limiter, LimitSettings
 from .routing import has_dot_segment, match
 from .upstream import UpstreamClient
 
 
 class ProxyApp:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        make_limiter: Callable[[LimitSettings], Limiter] | None = None,
+    ) -> None:
         self.config = config or default_config()
+        # Per-key limits: the worker says how to make a backend's limiter.
+        self.make_limiter = make_limiter
+        self.limiters: dict[LimitSettings, Limiter] = {}
+        self.health = BackendHealth()
         self.metrics = WorkerMetrics()
         self.endpoints = OwnEndpoints(self.metrics)
         self.request_log = RequestLog(request_fields, render_text=request_text)
@@ -58,6 +77,8 @@ class ProxyApp:
                 self.metrics.flush()
                 if self.forwarder is not None:
                     await self.forwarder.client.close()
+                for limiter in self.limiters.values():
+                    await limiter.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -74,12 +95,14 @@ class ProxyApp:
                 raise ProxyError(DOT_SEGMENT)
             principal = self.authenticate(config, scope, ex)
             upstream = self.route(principal, path)
-            self.apply_policy(config, principal, upstream, ex)
+            await self.apply_policy(config, principal, ex)
             assert self.forwarder is not None, "lifespan startup makes it"
             await self.forwarder.forward(upstream, scope, receive, send, ex)
         except ProxyError as err:
             await self.refuse(err.response, send, ex)
         finally:
+            if ex.limited is not None:
+                await self.end_policy(config, ex)
             self.record(config, scope, ex, time.monotonic() - started)
 
     def authenticate(self, config: Config, scope: Scope, ex: Exchange) -> Principal:
@@ -97,13 +120,55 @@ class ProxyApp:
             raise ProxyError(NOT_FOUND)
         return upstream
 
-    def apply_policy(
-        self, config: Config, principal: Principal, upstream: Upstream, ex: Exchange
-    ) -> None:
-        """Where limits and provider-key choice act before anything is forwarded.
+    async def apply_policy(self, config: Config, principal: Principal, ex: Exchange) -> None:
+        """The key's limits (fluxgate.ratelimit), before anything is forwarded.
 
-        Nothing yet: every authenticated, routed request is forwarded.
+        Provider-key choice is the forwarder's (fluxgate.keypool), per attempt.
         """
+        policy = principal.policy
+        if policy is None:
+            return
+        limiter = self.limiter(config.limits)
+        try:
+            refusal = await limiter.admit(principal.bucket, policy)
+        except LimitBackendError as exc:
+            self.backend_failed(config.limits, exc)
+            if config.limits.on_backend_error == "deny":
+                raise ProxyError(LIMIT_BACKEND_DOWN) from None
+            return
+        self.health.answered(config.limits.backend)
+        if refusal is not None:
+            ex.limit = refusal.limit
+            response = rate_limited(
+                refusal.limit, refusal.maximum, refusal.remaining, refusal.reset
+            )
+            raise ProxyError(response)
+        ex.limited = (limiter, principal.bucket, policy)
+
+    async def end_policy(self, config: Config, ex: Exchange) -> None:
+        """Give the request's concurrency place back and charge the tokens it used."""
+        assert ex.limited is not None
+        limiter, bucket, policy = ex.limited
+        ex.limited = None
+        usage = ex.usage.result() if ex.usage is not None else None
+        tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0) if usage else 0
+        try:
+            await limiter.finish(bucket, policy, tokens)
+        except LimitBackendError as exc:
+            self.backend_failed(config.limits, exc)
+
+    def limiter(self, settings: LimitSettings) -> Limiter:
+        """This worker's limiter for the configured backend (a reload may change it)."""
+        limiter = self.limiters.get(settings)
+        if limiter is None:
+            if self.make_limiter is None:
+                raise LimitBackendError("no limit backend in this process")
+            limiter = self.limiters[settings] = self.make_limiter(settings)
+        return limiter
+
+    def backend_failed(self, settings: LimitSettings, exc: BaseException) -> None:
+        self.health.failed(settings.backend, exc, settings.on_backend_error)
+        self.metrics.limit_backend_error()
 
     async def refuse(self, response: ErrorResponse, send: Any, ex: Exchange) -> None:
         ex.status, ex.outcome = response.status, response.outcome

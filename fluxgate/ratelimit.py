@@ -36,6 +36,13 @@ TOKENS: Final = "tokens"  # tokens_per_minute
 CONCURRENT: Final = "concurrent"  # concurrent_requests
 BUDGET: Final = "budget"  # tokens_per_day
 WINDOW_SECONDS: Final = 60.0
+# A policy's settings, as the YAML names them.
+POLICY_LIMITS: Final = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "concurrent_requests",
+    "tokens_per_day",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 from fluxgate.addresses import (
     HOSTNAME_LABEL,
@@ -56,13 +57,14 @@ from fluxgate.addresses import (
     valid_hostname,
 )
 from fluxgate.auth import MAX_TOKEN_BYTES
-from fluxgate.checks import kind, number_text, quote, shown, suggest
+from fluxgate.checks import field_path, kind, number_text, quote, shown, suggest
 from fluxgate.config import DEFAULT_BIND_ADDRESS, split_bind_address
 from fluxgate.forwarded import parse_networks
 from fluxgate.limits import MAX_SLOTS
+from fluxgate.ratelimit import POLICY_LIMITS
 from fluxgate.validate_upstreams import MAX_REQUEST_TIMEOUT_MS, UpstreamChecks
 
-TOP_KEYS = ("version", "server", "upstreams", "api_keys")
+TOP_KEYS = ("version", "server", "upstreams", "api_keys", "limits")
 SERVER_KEYS = (
     "bind_address",
     "max_connections",
@@ -73,8 +75,14 @@ SERVER_KEYS = (
     "shutdown_timeout_ms",
 )
 API_KEYS_KEYS = ("static", "jwt")
-STATIC_KEY_KEYS = ("id", "key", "upstreams")
-JWT_KEY_KEYS = ("id", "key")
+STATIC_KEY_KEYS = ("id", "key", "upstreams", "limits")
+JWT_KEY_KEYS = ("id", "key", "limits", "limit_by")
+LIMITS_KEYS = ("backend", "redis_url", "on_backend_error", "policies")
+LIMIT_BACKENDS = ("local", "redis")
+BACKEND_ERROR_CHOICES = ("allow", "deny")
+LIMIT_BY = ("kid", "sub")
+# A policy's numbers: far above any real use, far below where counters overflow.
+MAX_POLICY_VALUE = 10**15
 
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 
@@ -108,9 +116,55 @@ class _Validator(UpstreamChecks):
                 self.add("version", f"must be the integer 1, got {shown(version)}")
         self.server(doc.get("server"))
         names = self.upstreams(doc.get("upstreams"))
+        policies = self.limits(doc.get("limits"))
         keys = self.section("api_keys", doc.get("api_keys"), API_KEYS_KEYS)
-        self.static_keys(keys.get("static"), names)
-        self.jwt_keys(keys.get("jwt"))
+        self.static_keys(keys.get("static"), names, policies)
+        self.jwt_keys(keys.get("jwt"), policies)
+
+    def limits(self, value: object) -> set[str]:
+        """The `limits` section; returns the policy names keys may refer to."""
+        limits = self.section("limits", value, LIMITS_KEYS)
+        for name, choices in (("backend", LIMIT_BACKENDS),
+                              ("on_backend_error", BACKEND_ERROR_CHOICES)):  # fmt: skip
+            if name in limits and limits[name] not in choices:
+                self.add(f"limits.{name}", f"must be one of {', '.join(choices)}, "
+                         f"got {shown(limits[name])}")  # fmt: skip
+        if "redis_url" in limits:
+            self.redis_url(limits["redis_url"])
+        elif limits.get("backend") == "redis":
+            self.add("limits.redis_url", "required with backend: redis")
+        policies = self.section("limits.policies", limits.get("policies"), None)
+        for name, spec in policies.items():
+            path = field_path("limits.policies", name)
+            if not isinstance(spec, dict) or not spec:
+                self.add(path, f"must be a mapping of limits ({', '.join(POLICY_LIMITS)})")
+                continue
+            self.section(path, spec, POLICY_LIMITS)
+            for limit in POLICY_LIMITS:
+                if limit in spec:
+                    self.positive_int(
+                        f"{path}.{limit}", spec[limit], MAX_POLICY_VALUE, "a sane bound"
+                    )
+        return {name for name in policies if isinstance(name, str)}
+
+    def redis_url(self, value: object) -> None:
+        text = self.string("limits.redis_url", value, secret=True)
+        if text is None:
+            return
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or port == -1:
+            # The URL may carry a password: never quoted.
+            self.add("limits.redis_url", "must be redis://[:password@]host[:port][/db] "
+                     "or rediss://...")  # fmt: skip
+
+    def policy_ref(self, path: str, value: object, policies: set[str]) -> None:
+        name = self.string(path, value)
+        if name is not None and name not in policies:
+            self.add(path, f"unknown policy {quote(name)}; {suggest(name, sorted(policies))}")
 
     def server(self, value: object) -> None:
         server = self.section("server", value, SERVER_KEYS)
@@ -203,7 +257,7 @@ class _Validator(UpstreamChecks):
         elif not valid_hostname(host, HOSTNAME_LABEL):
             self.add(path, f"{quote(host)} is not a valid IPv4 address or host name")
 
-    def static_keys(self, value: object, upstream_names: set[str]) -> None:
+    def static_keys(self, value: object, upstream_names: set[str], policies: set[str]) -> None:
         seen_keys: dict[str, str] = {}  # key -> path of its first use; the key is never shown
         seen_ids: dict[str, str] = {}
         for i, entry in enumerate(self.items("api_keys.static", value)):
@@ -230,6 +284,10 @@ class _Validator(UpstreamChecks):
                     seen_keys[key] = f"{path}.key"
             if "id" in entry:
                 self.unique_id(f"{path}.id", entry["id"], seen_ids)
+            if "limits" in entry:
+                self.policy_ref(f"{path}.limits", entry["limits"], policies)
+                if "id" not in entry:
+                    self.add(f"{path}.id", "required with limits (it names the key's counts)")
             if "upstreams" in entry:
                 refs_path = f"{path}.upstreams"
                 for j, ref in enumerate(self.items(refs_path, entry["upstreams"])):
@@ -238,7 +296,7 @@ class _Validator(UpstreamChecks):
                         hint = suggest(ref_name, sorted(upstream_names))
                         self.add(f"{refs_path}[{j}]", f"unknown upstream {quote(ref_name)}; {hint}")
 
-    def jwt_keys(self, value: object) -> None:
+    def jwt_keys(self, value: object, policies: set[str]) -> None:
         seen_ids: dict[str, str] = {}
         for i, entry in enumerate(self.items("api_keys.jwt", value)):
             path = f"api_keys.jwt[{i}]"
@@ -246,6 +304,10 @@ class _Validator(UpstreamChecks):
                 self.add(path, f"must be a mapping with an id and a key, got {kind(entry)}")
                 continue
             self.section(path, entry, JWT_KEY_KEYS)
+            if "limits" in entry:
+                self.policy_ref(f"{path}.limits", entry["limits"], policies)
+            if "limit_by" in entry and entry["limit_by"] not in LIMIT_BY:
+                self.add(f"{path}.limit_by", f"must be kid or sub, got {shown(entry['limit_by'])}")
             if "id" not in entry:
                 self.add(f"{path}.id", "required (it is matched against the token's kid)")
             else:

@@ -337,6 +337,7 @@ def _usage_tap(usage: dict[str, int] | None) -> JsonTap | None:
         _latin1,
         st.integers(0, 10),
         st.none() | st.sampled_from(["expired", "bad_signature", "unknown_key"]),
+        st.none() | st.sampled_from(["requests", "tokens", "concurrent", "budget"]),
         _ms,
         st.none() | _ms,
         _count,

@@ -177,7 +177,8 @@ def test_a_scrape_through_either_worker_reports_the_exact_sum_of_both(
     text = fetch(sup.url + "/_fluxgate/metrics")
     assert "secret-path" not in text and "nowhere" not in text and CLIENT_KEY not in text
     label_names = {k for (_, labels) in samples for k, _ in labels}
-    allowed = {"upstream", "key_id", "provider_key", "status_class", "type", "reason", "result"}
+    allowed = {"upstream", "key_id", "provider_key", "status_class", "type", "reason", "result",
+               "limit"}  # fmt: skip
     assert label_names <= allowed | {"outcome", "le"}
 
 
