@@ -1,0 +1,208 @@
+"""Per-key limits and token budgets (README "Limits and budgets"), end to end with the
+local backend: a real supervisor with two workers, the fake provider, raw sockets and
+the official SDK. The backends themselves: test_limits_local.py, test_limits_redis.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from demo.fake_upstream import FakeUpstreamThread
+from fluxgate.validation import validate
+from tests import rawhttp
+from tests.conftest import CLIENT_KEY, JWT_SECRET, LIMITED_KEY, make_jwt, proxy_config
+from tests.supervisor_process import Supervisor
+
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def limited_config(upstream: FakeUpstreamThread, jwt_by: str = "kid", **policy: int) -> Any:
+    doc = proxy_config(upstream.url)
+    doc["limits"] = {"policies": {"team": policy}}
+    doc["api_keys"]["static"][0]["limits"] = "team"  # id "ci"; "limited" has no policy
+    doc["api_keys"]["jwt"][0].update({"limits": "team", "limit_by": jwt_by})
+    doc["upstreams"]["openai"]["usage"] = "openai"
+    return doc
+
+
+def start(
+    make_supervisor: Callable[..., Supervisor], doc: Any, tmp_path: Path, **kwargs: Any
+) -> Supervisor:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    sup: Supervisor = make_supervisor(doc, workers=2, env={"STATE_DIRECTORY": str(state)}, **kwargs)
+    return sup
+
+
+def chat(port: int, key: str = CLIENT_KEY) -> rawhttp.Response:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = [rawhttp.host(port), rawhttp.bearer(key), ("Content-Length", str(len(body)))]
+    return rawhttp.request(port, "POST", "/openai/v1/chat/completions", headers, body)
+
+
+def test_requests_per_minute_is_exact_across_two_workers(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, requests_per_minute=20), tmp_path)
+    headers = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(
+            lambda _: rawhttp.request(sup.port, "GET", "/openai/v1/models", headers), range(50)
+        ))  # fmt: skip
+    assert Counter(r.status for r in responses) == {200: 20, 429: 30}
+    assert len(upstream.requests) == 20  # nothing refused reached the provider
+    refused = next(r for r in responses if r.status == 429)
+    assert json.loads(refused.body)["error"]["type"] == "rate_limited"
+    assert 1 <= int(refused.header("retry-after") or b"0") <= 60
+    assert refused.header("x-ratelimit-limit-requests") == b"20"
+    assert refused.header("x-ratelimit-remaining-requests") == b"0"
+    assert (refused.header("x-ratelimit-reset-requests") or b"").endswith(b"s")
+    line = sup.wait_for_log(r"request .*status=429")
+    assert " outcome=rate_limited " in line and " limit=requests " in line
+
+
+def test_concurrent_requests_are_bounded_and_given_back(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, concurrent_requests=2), tmp_path)
+    head = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
+    streams = [rawhttp.Conn(sup.port) for _ in range(2)]
+    for conn in streams:
+        conn.send(rawhttp.build_request("GET", "/openai/sse?events=2&interval_ms=700", head))
+        assert conn.read_head().status == 200
+    refused = rawhttp.request(sup.port, "GET", "/openai/v1/models", head)
+    assert refused.status == 429 and refused.header("x-ratelimit-limit-concurrent") == b"2"
+    for conn in streams:
+        with conn:
+            conn.read_response()  # the rest of the stream, to its end
+    sup.wait_for_log(r"request .*sse.*status=200")
+    assert rawhttp.request(sup.port, "GET", "/openai/v1/models", head).status == 200
+
+
+def test_tokens_per_minute_refuses_once_the_window_is_spent(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, tokens_per_minute=5), tmp_path)
+    first = chat(sup.port)
+    assert first.status == 200 and json.loads(first.body)["usage"]["total_tokens"] > 5
+    sup.wait_for_log(r"request .*chat/completions.*status=200")
+    second = chat(sup.port)
+    assert second.status == 429 and second.header("x-ratelimit-limit-tokens") == b"5"
+    assert chat(sup.port, LIMITED_KEY).status in (200, 404)  # a key without a policy: free
+
+
+def test_tokens_per_day_survive_a_restart_of_the_service(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    doc = limited_config(upstream, tokens_per_day=5)
+    sup = start(make_supervisor, doc, tmp_path)
+    assert chat(sup.port).status == 200
+    sup.wait_for_log(r"request .*chat/completions.*status=200")
+    sup.stop()
+    again = start(make_supervisor, doc, tmp_path, port=sup.port)
+    refused = chat(again.port)
+    assert refused.status == 429 and refused.header("x-ratelimit-limit-budget") == b"5"
+
+
+def test_a_lowered_limit_applies_at_once_and_a_reload_keeps_the_counts(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    doc = limited_config(upstream, requests_per_minute=100)
+    sup = start(make_supervisor, doc, tmp_path)
+    for _ in range(5):
+        assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 200
+    doc["limits"]["policies"]["team"]["requests_per_minute"] = 5
+    sup.write_config(doc)
+    sup.wait_for_generation(2)
+    assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 429
+
+
+def test_limit_by_sub_gives_each_token_subject_its_own_bucket(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, "sub", requests_per_minute=1), tmp_path)
+
+    def status(subject: str) -> int:
+        token = make_jwt(sub=subject, jti=f"{subject}-{time.monotonic_ns()}")
+        return sup.request("GET", "/openai/v1/models", {"Authorization": f"Bearer {token}"})[0]
+
+    assert [status("alice"), status("alice"), status("bob")] == [200, 429, 200]
+
+
+def test_a_forwarded_response_carries_no_rate_limit_header_of_ours(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, requests_per_minute=10), tmp_path)
+    status, headers, _ = sup.request("GET", "/openai/v1/models", AUTH)
+    assert status == 200 and not [h for h in headers if h.lower().startswith("x-ratelimit")]
+
+
+def test_the_openai_sdk_sees_the_429_and_retries_after_retry_after(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    sup = start(make_supervisor, limited_config(upstream, concurrent_requests=1), tmp_path)
+    head = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
+    busy = rawhttp.Conn(sup.port)
+    busy.send(rawhttp.build_request("GET", "/openai/sse?events=2&interval_ms=600", head))
+    assert busy.read_head().status == 200
+    threading.Thread(target=lambda: (busy.read_response(), busy.close()), daemon=True).start()
+    mark = sup.mark()
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{sup.port}/openai/v1", api_key=CLIENT_KEY, max_retries=3
+    )
+    reply = client.chat.completions.create(
+        model="fake-gpt", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert reply.choices[0].message.content
+    assert [x for x in sup.lines[mark:] if "status=429" in x and "limit=concurrent" in x]
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (
+            {"api_keys": {"static": [{"id": "a", "key": "k", "limits": "nope"}]}},
+            "api_keys.static[0].limits",
+        ),
+        ({"api_keys": {"static": [{"key": "k", "limits": "team"}]}}, "api_keys.static[0].id"),
+        (
+            {"api_keys": {"jwt": [{"id": "j", "key": JWT_SECRET, "limit_by": "ip"}]}},
+            "api_keys.jwt[0].limit_by",
+        ),
+        (
+            {"limits": {"backend": "redis", "policies": {"team": {"concurrent_requests": 1}}}},
+            "limits.redis_url",
+        ),
+        ({"limits": {"backend": "memcached"}}, "limits.backend"),
+        ({"limits": {"on_backend_error": "maybe"}}, "limits.on_backend_error"),
+        ({"limits": {"redis_url": "http://:sekrit-pw@h:6379"}}, "limits.redis_url"),
+        (
+            {"limits": {"policies": {"team": {"requests_per_minute": 0}}}},
+            "limits.policies.team.requests_per_minute",
+        ),
+        (
+            {"limits": {"policies": {"team": {"requests_per_hour": 5}}}},
+            "limits.policies.team.requests_per_hour",
+        ),
+        ({"limits": {"colour": "red"}}, "limits.colour"),
+    ],
+)
+def test_limits_settings_are_validated_with_their_path(change: dict[str, Any], path: str) -> None:
+    doc: dict[str, Any] = {
+        "version": 1,
+        "limits": {"policies": {"team": {"concurrent_requests": 1}}},
+    }
+    doc.update(change)
+    errors = validate(doc)
+    assert path in [e.split(": ")[0] for e in errors], errors
+    assert not [e for e in errors if "sekrit-pw" in e]
