@@ -15,7 +15,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MARKDOWN = HERE.parent / "BENCHMARKS.md"
 CHART = HERE / "latency.png"
-SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool"]
+SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
+           "fluxgate-limits", "fluxgate-redis"]  # fmt: skip
 LABELS = {
     "direct": "direct",
     "nginx": "nginx proxy_pass",
@@ -23,6 +24,8 @@ LABELS = {
     "fluxgate": "Fluxgate",
     "fluxgate-trace": "Fluxgate, TRACE log",
     "fluxgate-pool": "Fluxgate, 3-key pool",
+    "fluxgate-limits": "Fluxgate, key with local limits",
+    "fluxgate-redis": "Fluxgate, key with Redis limits",
 }
 SHORT = {
     "direct": "direct",
@@ -31,6 +34,8 @@ SHORT = {
     "fluxgate": "Fluxgate",
     "fluxgate-trace": "Fluxgate\nTRACE",
     "fluxgate-pool": "Fluxgate\n3-key pool",
+    "fluxgate-limits": "Fluxgate\nlocal limits",
+    "fluxgate-redis": "Fluxgate\nRedis limits",
 }
 PERCENTILES = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
 
@@ -89,6 +94,8 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
         ("pass-through / nginx", "passthrough", "nginx"),
         ("Fluxgate TRACE / Fluxgate (logging cost)", "fluxgate-trace", "fluxgate"),
         ("Fluxgate 3-key pool / Fluxgate (pool cost)", "fluxgate-pool", "fluxgate"),
+        ("Fluxgate local limits / Fluxgate (limits cost)", "fluxgate-limits", "fluxgate"),
+        ("Fluxgate Redis limits / Fluxgate (limits cost)", "fluxgate-redis", "fluxgate"),
     ):
         d["ratios"][label] = paired(thr, a, b, "rps", ratio)
     d["trace_added_p50"] = paired(lat, "fluxgate-trace", "fluxgate", "p50", diff)
@@ -365,7 +372,16 @@ def chart(raw: dict[str, Any], d: dict[str, Any], path: Path = CHART) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(SYSTEMS)
-    colours = ["#7f7f7f", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd"]
+    colours = [
+        "#7f7f7f",
+        "#2ca02c",
+        "#1f77b4",
+        "#d62728",
+        "#ff7f0e",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+    ]
     for i, name in enumerate(SYSTEMS):
         meds = [d["lat"][name][p][0] / 1000 for p, _ in PERCENTILES]
         lo = [meds[j] - d["lat"][name][p][1] / 1000 for j, (p, _) in enumerate(PERCENTILES)]

@@ -29,7 +29,8 @@ from . import clients, observability, report
 from .servers import ROOT, Stack, System, http_get, rss_kib, write_fluxgate_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool"]
+ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
+       "fluxgate-limits", "fluxgate-redis"]  # fmt: skip
 PROXIES = ["nginx", "passthrough", "fluxgate"]
 GIB = 1 << 30
 
@@ -108,10 +109,10 @@ def memory(systems: dict[str, System]) -> dict[str, float]:
 def latency_phase(systems: dict[str, System], repeats: int, duration: float) -> dict[str, Any]:
     out: dict[str, list[dict[str, Any]]] = {n: [] for n in ALL}
     for name in ALL:  # warm-up, not recorded
-        clients.wrk(systems[name], 1, 1)
+        clients.wrk(systems[name], 1, 1, systems[name].key)
     for r in range(repeats):
         for name in rotated(ALL, r):
-            out[name].append(clients.wrk(systems[name], 1, duration))
+            out[name].append(clients.wrk(systems[name], 1, duration, systems[name].key))
         log(f"1 connection, round {r + 1}/{repeats}: " + ", ".join(
             f"{n} p50 {out[n][-1]['p50']:.0f} µs" for n in ALL))  # fmt: skip
     return out
@@ -120,11 +121,11 @@ def latency_phase(systems: dict[str, System], repeats: int, duration: float) -> 
 def throughput_phase(systems: dict[str, System], repeats: int, duration: float) -> dict[str, Any]:
     out: dict[str, list[dict[str, Any]]] = {n: [] for n in ALL}
     for name in ALL:
-        clients.wrk(systems[name], 64, 2)
+        clients.wrk(systems[name], 64, 2, systems[name].key)
     for r in range(repeats):
         for name in rotated(ALL, r):
             cpu0 = systems[name].cpu_seconds()
-            result = clients.wrk(systems[name], 64, duration)
+            result = clients.wrk(systems[name], 64, duration, systems[name].key)
             result["cpu_us_per_req"] = (
                 (systems[name].cpu_seconds() - cpu0) / max(1, result["requests"]) * 1e6
             )

@@ -31,6 +31,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_KEY = "bench-client-key"
+# A client key with a limits policy (never reached): what counting costs.
+LIMITS_KEY = "bench-limited-key"
+BENCH_POLICY = {"requests_per_minute": 10**12, "tokens_per_minute": 10**12,
+                "concurrent_requests": 10**6, "tokens_per_day": 10**14}  # fmt: skip
 UPSTREAM_KEY = "sk-bench-upstream"
 JSON_PATH = "/v1/chat/completions"
 CANNED = {
@@ -104,6 +108,7 @@ class System:
     proc: subprocess.Popen[bytes]
     config_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    key: str = CLIENT_KEY  # the client key the load generators send
 
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid)
@@ -175,10 +180,15 @@ def fluxgate_doc(
     *,
     metrics: bool = True,
     usage: str = "openai",
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Every feature on by default: Prometheus metrics and token usage of the
-    canned completion (bench.observability compares them with off)."""
-    keys = [{"id": "bench", "key": CLIENT_KEY}]
+    canned completion (bench.observability compares them with off); LIMITS_KEY
+    is counted under a policy, locally or in Redis at `redis_url`."""
+    keys: list[dict[str, Any]] = [
+        {"id": "bench", "key": CLIENT_KEY},
+        {"id": "limited", "key": LIMITS_KEY, "limits": "bench"},
+    ]
     keys += [{"id": f"extra{i}", "key": k} for i, k in enumerate(extra_keys)]
     return {
         "version": 1,
@@ -212,6 +222,8 @@ def fluxgate_doc(
             },
         },
         "api_keys": {"static": keys},
+        "limits": {"policies": {"bench": BENCH_POLICY}}
+        | ({"backend": "redis", "redis_url": redis_url} if redis_url else {}),
     }
 
 
@@ -247,6 +259,19 @@ def _wait(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float = 
             pass
         time.sleep(0.05)  # nothing to wait on but the port opening
     raise RuntimeError(f"127.0.0.1:{port}{path} not ready within {timeout:.0f} s")
+
+
+def _wait_port(proc: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)  # nothing to wait on but the port opening
+    raise RuntimeError(f"127.0.0.1:{port} not listening within {timeout:.0f} s")
 
 
 def wait_workers(system: System, workers: int = 2, timeout: float = 30.0) -> None:
@@ -301,7 +326,8 @@ class Stack:
         return f
 
     def start(self) -> dict[str, System]:
-        ports = {n: free_port() for n in ("canned", "sse", "nginx", "passthrough", "fg", "fgt")}
+        names = ("canned", "sse", "nginx", "passthrough", "fg", "fgt", "fgr", "redis")
+        ports = {n: free_port() for n in names}
         c, s = ports["canned"], ports["sse"]
         nginx_args = [self.nginx, "-e", str(self.tmp / "nginx-startup.log"), "-g", "daemon off;"]
         canned = self._spawn([*nginx_args, "-c", str(canned_conf(self.tmp, c))],
@@ -335,9 +361,21 @@ class Stack:
         self.systems["passthrough"] = System(
             "passthrough", ports["passthrough"], proxied, ports["passthrough"], "/sse", passthrough
         )
-        for name, key, level in (("fluxgate", "fg", "ERROR"), ("fluxgate-trace", "fgt", "TRACE")):
+        redis = self._spawn(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port",
+             str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            self._log("redis"),
+        )  # fmt: skip
+        redis_url = f"redis://127.0.0.1:{ports['redis']}/0"
+        _wait_port(redis, ports["redis"])
+        for name, key, level in (
+            ("fluxgate", "fg", "ERROR"),
+            ("fluxgate-trace", "fgt", "TRACE"),
+            ("fluxgate-redis", "fgr", "ERROR"),
+        ):
             config = self.tmp / f"{name}.yaml"
-            doc = fluxgate_doc(ports[key], c, s, [])
+            url = redis_url if name == "fluxgate-redis" else None
+            doc = fluxgate_doc(ports[key], c, s, [], redis_url=url)
             config.write_text(yaml.safe_dump(doc, sort_keys=False))
             env = {**os.environ, "FLUXGATE_LOG": level, "FLUXGATE_LOG_STYLE": "never"}
             env.pop("RUNTIME_DIRECTORY", None)
@@ -349,15 +387,22 @@ class Stack:
                 name, ports[key], proxied, ports[key], "/sse", proc, config,
                 {"canned": c, "sse": s},
             )  # fmt: skip
-        # The pool: the same Fluxgate process, its pooled route.
+        # Limits counted in Redis: that instance, with the key under a policy.
+        self.systems["fluxgate-redis"].key = LIMITS_KEY
+        # The pool and local limits: the same Fluxgate process, its pooled route or
+        # its key under a policy.
         fg = self.systems["fluxgate"]
+        self.systems["fluxgate-limits"] = System(
+            "fluxgate-limits", fg.port, fg.json_path, fg.sse_port, "/sse", fg.proc,
+            fg.config_path, fg.ports, LIMITS_KEY,
+        )  # fmt: skip
         self.systems["fluxgate-pool"] = System(
             "fluxgate-pool", fg.port, fg.json_path.replace("/openai/", "/pooled/", 1), fg.sse_port,
             "/sse", fg.proc, fg.config_path, fg.ports,
         )  # fmt: skip
         for system in self.systems.values():
             _wait(system.proc, system.port, system.json_path)
-        for name in ("fluxgate", "fluxgate-trace"):
+        for name in ("fluxgate", "fluxgate-trace", "fluxgate-redis"):
             wait_workers(self.systems[name])
         return self.systems
 
