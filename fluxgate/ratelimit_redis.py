@@ -37,12 +37,19 @@ from `limits.redis_url` (`redis://[[user]:password@]host:port/db` or
   port, never the URL's password; the caller applies `on_backend_error`.
   A pooled connection found dead is retried once at once, on a new
   connection (after a Redis restart), on a connection error only: a timeout
-  is not retried, so a call waits at most about `socket_timeout`. redis-py
-  reconnects by itself once Redis answers again.
+  is not retried. redis-py reconnects by itself once Redis answers again.
+- Each worker has its own pool of at most `max_connections` (16) with
+  `socket_timeout` (0.5 s) for a connect and for each reply. Calls queue for
+  a connection first come first served (an `asyncio.Semaphore`: redis-py's
+  plain pool raises at once when every connection is busy, and its blocking
+  pool let waiters starve past their timeout under a steady load), for at
+  most `socket_timeout` too. So a call takes at most about three times
+  `socket_timeout` (wait, connect, reply) before `LimitBackendError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import itertools
@@ -50,7 +57,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Final
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -185,10 +192,9 @@ class RedisLimiter(Limiter):
         clock: Callable[[], float] | None = None,
     ) -> None:
         try:
-            pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+            pool: ConnectionPool = ConnectionPool.from_url(
                 url,
                 max_connections=max_connections,
-                timeout=socket_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
@@ -199,6 +205,10 @@ class RedisLimiter(Limiter):
         kwargs = pool.connection_kwargs
         self.where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         self._redis: Redis = Redis.from_pool(pool)
+        # Calls wait their turn here, first come first served, so the pool (which would
+        # raise at once when all its connections are busy) never runs out.
+        self._turns = asyncio.Semaphore(max_connections)
+        self._wait = socket_timeout
         self._admit = self._redis.register_script(_ADMIT)
         self._finish = self._redis.register_script(_FINISH)
         self._ttl_ms = max(1, round(concurrency_ttl * 1000))
@@ -225,9 +235,16 @@ class RedisLimiter(Limiter):
 
     async def _run(self, script: Any, keys: tuple[str, str, str], args: list[Any]) -> Any:
         try:
+            async with asyncio.timeout(self._wait):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise LimitBackendError(f"redis at {self.where}: all connections busy") from None
+        try:
             return await script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as error:
             raise LimitBackendError(f"redis at {self.where}: {type(error).__name__}") from error
+        finally:
+            self._turns.release()
 
     async def admit(self, bucket: str, policy: Policy) -> Refusal | None:
         concurrent = policy.concurrent_requests
