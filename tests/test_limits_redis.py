@@ -466,6 +466,54 @@ def test_the_password_never_shows_in_an_error(server: RedisServer) -> None:
     assert not leaked(bad.value, wrong)
 
 
+def test_one_round_trip_per_admit_and_one_per_finish(server: RedisServer) -> None:
+    policy = Policy(
+        "p", requests_per_minute=100, tokens_per_minute=10**6, concurrent_requests=5,
+        tokens_per_day=10**6,
+    )  # fmt: skip
+    db = admin(server)
+
+    async def body() -> None:
+        limiter = RedisLimiter(server.url)
+        try:
+            # The connection's own commands (AUTH…), each script's first NOSCRIPT and load.
+            await limiter.admit("warm", policy)
+            await limiter.finish("warm", policy, 1)
+            db.config_resetstat()
+            for _ in range(10):
+                assert await limiter.admit("a", policy) is None
+                await limiter.finish("a", policy, 7)
+        finally:
+            await limiter.close()
+
+    run(body)
+    calls = {name: stats["calls"] for name, stats in db.info("commandstats").items()}
+    assert calls.pop("cmdstat_evalsha") == 20
+    assert calls.pop("cmdstat_info", None) is None
+    called_by_client = {"cmdstat_evalsha", "cmdstat_auth", "cmdstat_client|setinfo"}
+    assert called_by_client.isdisjoint(calls)  # all else ran inside the scripts
+
+
+def test_many_tasks_queue_for_a_small_pool_without_errors(server: RedisServer) -> None:
+    policy = Policy("p", requests_per_minute=10**6, concurrent_requests=10**6)
+
+    async def body() -> None:
+        limiter = RedisLimiter(server.url, max_connections=4)
+
+        async def task() -> None:
+            for _ in range(50):
+                assert await limiter.admit("q", policy) is None
+                await limiter.finish("q", policy, 1)
+
+        try:
+            await asyncio.gather(*(task() for _ in range(64)))
+        finally:
+            await limiter.close()
+
+    run(body)
+    assert admin(server).hget(RedisLimiter(server.url).keys("q")[1], "r") == str(64 * 50)
+
+
 def test_round_trip_cost_per_request_on_loopback(server: RedisServer) -> None:
     """One admit and one finish (two round trips) with all four limits, timed in a loop."""
     policy = Policy(
