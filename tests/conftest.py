@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +15,7 @@ import jwt
 import pytest
 
 from demo.fake_upstream import FakeUpstreamThread
-from tests.supervisor_process import ALL_LOG_LINES, Supervisor
+from tests.supervisor_process import ALL_LOG_LINES, Supervisor, free_port
 
 # Every secret the suite uses. None may appear in any log line or error body.
 CLIENT_KEY = "fg-client-key-4d1c7e0b9a"
@@ -145,3 +149,60 @@ def no_secret_in_any_log_line() -> Iterator[None]:
     secrets = SECRETS + MINTED_TOKENS
     leaks = [(s, line) for line in ALL_LOG_LINES for s in secrets if s in line]
     assert not leaks, f"secrets found in log lines: {leaks[:5]}"
+
+
+class RedisServer:
+    """A real `redis-server` on a free loopback port, its own directory, nothing saved, and a
+    password (so the tests can check it never shows). `stop` and `start` again keep the port."""
+
+    password = "redis-secret-pass-8c41f0"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert self.process is None
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        args += ["--requirepass", self.password, "--logfile", str(self.directory / "redis.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.process.poll() is None, (self.directory / "redis.log").read_text()
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                    return self
+            assert time.monotonic() < deadline, "redis-server did not answer PING within 10 s"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server per test process (each xdist worker has its own), stopped at the end.
+    Skips where Debian's `redis-server` package is not installed (.ci/run installs it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
