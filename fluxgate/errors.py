@@ -200,7 +200,8 @@ def rate_limited(limit: str, maximum: int, remaining: int, reset: float) -> Erro
     """The 429 for a request over `limit`: Retry-After in whole seconds, and the
     x-ratelimit-* headers naming the limit (only ever on Fluxgate's own 429)."""
     body = _RATE_LIMITED_BODIES[limit]
-    seconds = max(1, math.ceil(reset))
+    # A concurrency place frees when any running request ends: try again soon.
+    seconds = 1 if limit == "concurrent" else max(1, math.ceil(reset))
     name = limit.encode()
     headers = (
         *error_headers(body),
