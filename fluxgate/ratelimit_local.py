@@ -74,7 +74,7 @@ _STRIDE: Final = 8
 _USED, _KEY_HI, _KEY_LO, _START, _REQUESTS, _TOKENS, _DAY, _DAY_TOKENS = range(_STRIDE)
 # The header, in 8-byte fields before the entries.
 _HEADER: Final = 8
-_H_USED, _H_SLOTS, _H_CHANGES = 0, 1, 2
+_H_USED, _H_SLOTS, _H_CHANGES, _H_FULL_WARNED = 0, 1, 2, 3
 _EMPTY: Final = -1  # a bucket with no room in the table (cached per worker)
 
 
@@ -185,24 +185,20 @@ class LocalTable:
     # The day budgets, across restarts
 
     def day_tokens(self, wall: float) -> dict[str, int]:
-        """Today's tokens per bucket digest (hex), for the state file."""
+        """Today's tokens per bucket digest (hex), for the state file.
+
+        Read without the lock, so that the master's scan never makes a request
+        wait: each field is read whole, and `finish` orders its writes so that
+        a count is never seen under the wrong day."""
         today = utc_day(wall)
         found: dict[str, int] = {}
         fields = self.fields
-        self.lock()
-        try:
-            for index in range(self.capacity):
-                base = _HEADER + index * _STRIDE
-                if (
-                    fields[base + _USED]
-                    and fields[base + _DAY] == today
-                    and fields[base + _DAY_TOKENS]
-                ):
-                    key = int(fields[base + _KEY_HI]).to_bytes(8, "little", signed=True)
-                    key += int(fields[base + _KEY_LO]).to_bytes(8, "little", signed=True)
-                    found[key.hex()] = int(fields[base + _DAY_TOKENS])
-        finally:
-            self.unlock()
+        for index in range(self.capacity):
+            base = _HEADER + index * _STRIDE
+            if fields[base + _USED] and fields[base + _DAY] == today and fields[base + _DAY_TOKENS]:
+                key = int(fields[base + _KEY_HI]).to_bytes(8, "little", signed=True)
+                key += int(fields[base + _KEY_LO]).to_bytes(8, "little", signed=True)
+                found[key.hex()] = int(fields[base + _DAY_TOKENS])
         return found
 
     def save(self, path: str, wall: float | None = None) -> None:
@@ -281,7 +277,6 @@ class LocalLimiter(Limiter):
         self.clock = clock
         self.wall_clock = wall_clock
         self._indices: dict[str, int] = {}  # bucket -> entry index, or _EMPTY (no room)
-        self._full_warned = False
         self._slot_base = slot * table.capacity
 
     def _index(self, bucket: str) -> int:
@@ -289,8 +284,8 @@ class LocalLimiter(Limiter):
         index = self._indices.get(bucket)
         if index is None:
             index = self.table.find(digest(bucket), insert=True)
-            if index == _EMPTY and not self._full_warned:
-                self._full_warned = True
+            if index == _EMPTY and not self.table.fields[_H_FULL_WARNED]:
+                self.table.fields[_H_FULL_WARNED] = 1  # once for all the workers
                 log_fields(
                     log,
                     logging.WARNING,
@@ -378,9 +373,9 @@ class LocalLimiter(Limiter):
             today = utc_day(wall)
             if fields[base + _DAY] == today:
                 fields[base + _DAY_TOKENS] += tokens
-            else:
-                fields[base + _DAY] = today
+            else:  # the count first: the master's unlocked save must not see it under today
                 fields[base + _DAY_TOKENS] = tokens
+                fields[base + _DAY] = today
             fields[_H_CHANGES] += 1
         finally:
             table.unlock()

@@ -346,6 +346,7 @@ def test_the_coroutine_interface(table: LocalTable) -> None:
 def test_a_full_table_admits_unlimited_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     small = LocalTable(capacity=4, slots=2)
     small.reset_slot(0)
+    small.reset_slot(1)
     lim = LocalLimiter(small, 0)
     policy = Policy("p", requests_per_minute=1)
     for i in range(4):
@@ -356,6 +357,8 @@ def test_a_full_table_admits_unlimited_and_warns_once(caplog: pytest.LogCaptureF
             for _ in range(3):
                 assert lim.admit_now(bucket, policy) is None
                 lim.finish_now(bucket, 10)
+        other = LocalLimiter(small, 1)  # another worker: the warning was given for all
+        assert other.admit_now("extra3", policy) is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "full" in warnings[0].getMessage()
