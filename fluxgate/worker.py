@@ -34,6 +34,7 @@ from .limits import ConnectionGate, ConnectionTable
 from .logs import configure_logging
 from .protocol import FluxgateProtocol
 from .proxy import ProxyApp
+from .ratelimit_local import LocalTable
 from .snapshot import read_snapshot, snapshot_mtime
 
 log = logging.getLogger("fluxgate.worker")
@@ -46,6 +47,7 @@ class WorkerContext(Protocol):
 
     snapshot_path: str
     connection_table: ConnectionTable
+    limit_table: LocalTable  # the local limits backend's counts (fluxgate.ratelimit_local)
 
     def close_master_only_files(self) -> None:
         """Close what a worker inherits by fork but must not hold (the master's

@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 from fluxgate.config import Config
 from fluxgate.limits import ConnectionTable
 from fluxgate.logs import configure_logging, log_fields
+from fluxgate.ratelimit_local import BudgetStore, LocalTable, state_directory
 
 from . import oneline
 from .publisher import ConfigPublisher
@@ -78,6 +79,11 @@ class FluxgateApplication(BaseApplication):
         # Read by every worker after fork (see fluxgate.worker.WorkerContext).
         self.snapshot_path = self.publisher.snapshot_path
         self.connection_table = ConnectionTable()
+        # The local limits backend's counts (fluxgate.ratelimit_local), and the
+        # day budgets' file in the state directory, taken back before any fork.
+        self.limit_table = LocalTable()
+        self.budget_store = BudgetStore(self.limit_table, state_directory(config_path))
+        self.budget_store.load()
         self.operator_hooks: dict[str, Any] = {}  # gunicorn.conf.py's, run after ours
         self.metrics: Any = None  # supervisor.metrics.MasterMetrics, made by the arbiter
         super().__init__(usage=None, prog="fluxgate-supervisor")

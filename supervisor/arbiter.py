@@ -14,7 +14,10 @@ What changes from the stock Arbiter, and why (docs/architecture.md, "Library tra
   reload and STOPPING=1 at shutdown; gunicorn's own early READY is withheld.
 - Each worker is given its slot in the shared connection table and its
   config through gunicorn's own `pre_fork` hook, and gives the slot back
-  through `child_exit` (both installed by supervisor.app).
+  through `child_exit` (both installed by supervisor.app); the same slot in
+  the local limits table (fluxgate.ratelimit_local) is zeroed with it.
+- The day token budgets are saved to the state directory from the main loop
+  when they changed (at most every 5 s) and once the workers have stopped.
 - Metrics (supervisor.metrics): the master counts reloads and worker restarts,
   archives a dead worker's series, and may serve them on their own address.
 - SIGUSR1 (logrotate's "reopen your files"): Fluxgate logs only to stderr, so
@@ -154,6 +157,11 @@ class FluxgateArbiter(Arbiter):
         )
         super().halt(reason, exit_status)
 
+    def stop(self, graceful: bool = True) -> None:
+        super().stop(graceful)
+        # The workers are gone: nothing charges tokens any more.
+        self.app.budget_store.save()
+
     def handle_term(self) -> None:
         self._stop_requested = True
         super().handle_term()
@@ -190,6 +198,7 @@ class FluxgateArbiter(Arbiter):
                 f"no free slot in the connection table ({len(used)} workers hold all of them)"
             )
         self.app.connection_table.reset_slot(slot)
+        self.app.limit_table.reset_slot(slot)
         worker.slot = slot
         worker.fluxgate_config = self.publisher.config
         worker.spawned_at = time.monotonic()
@@ -198,6 +207,8 @@ class FluxgateArbiter(Arbiter):
         """gunicorn's `child_exit` hook: a worker has exited and was reaped."""
         # Its connections died with it; a stale count would lower the limit.
         self.app.connection_table.release_slot(worker.slot)
+        # Its requests in flight too: they must not hold concurrency places.
+        self.app.limit_table.release_slot(worker.slot)
         asked = worker.pid in self._asked_to_stop
         self._asked_to_stop.discard(worker.pid)
         self.metrics.worker_exited(worker.pid, asked=asked)
@@ -233,6 +244,7 @@ class FluxgateArbiter(Arbiter):
 
     def wait_for_signals(self, timeout: float = 1.0) -> list[int]:
         signals: list[int] = super().wait_for_signals(timeout=min(timeout, HEARTBEAT_INTERVAL))
+        self.app.budget_store.tick()  # saves the day budgets when due and changed
         if CONFIG_EVENT in signals:
             signals = [s for s in signals if s != CONFIG_EVENT]
             self.reload_config(forced=signal.SIGHUP in signals)
