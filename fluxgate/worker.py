@@ -34,7 +34,9 @@ from .limits import ConnectionGate, ConnectionTable
 from .logs import configure_logging
 from .protocol import FluxgateProtocol
 from .proxy import ProxyApp
-from .ratelimit_local import LocalTable
+from .ratelimit import Limiter, LimitSettings
+from .ratelimit_local import LocalLimiter, LocalTable
+from .ratelimit_redis import RedisLimiter
 from .snapshot import read_snapshot, snapshot_mtime
 
 log = logging.getLogger("fluxgate.worker")
@@ -100,10 +102,19 @@ class FluxgateWorker(Worker):
         config: Config = self.fluxgate_config
         self.snapshot_path = ctx.snapshot_path
         self.gate = ConnectionGate(ctx.connection_table, self.slot, config.server.max_connections)
-        self.proxy = ProxyApp(config)
+        self.limit_table = ctx.limit_table
+        self.proxy = ProxyApp(config, make_limiter=self.make_limiter)
         self.proxy.metrics.connections = lambda: self.gate.active
         self._snapshot_mtime = 0
         self._set_title()
+
+    def make_limiter(self, settings: LimitSettings) -> Limiter:
+        """The limiter of the configured backend (README "Limits and budgets"),
+        made by the app in the worker's running loop when a policy first needs it."""
+        if settings.backend == "redis":
+            assert settings.redis_url is not None  # validation requires it
+            return RedisLimiter(settings.redis_url)
+        return LocalLimiter(self.limit_table, self.slot)
 
     def run(self) -> None:
         import uvloop

@@ -197,6 +197,9 @@ class RedisServer:
         self.process = None
 
 
+SECRETS.append(RedisServer.password)  # a redis_url's password is never logged either
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server per test process (each xdist worker has its own), stopped at the end.

@@ -16,11 +16,20 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.validation import validate
 from tests import rawhttp
-from tests.conftest import CLIENT_KEY, JWT_SECRET, LIMITED_KEY, make_jwt, proxy_config
+from tests.conftest import (
+    CLIENT_KEY,
+    JWT_SECRET,
+    LIMITED_KEY,
+    RedisServer,
+    make_jwt,
+    proxy_config,
+)
+from tests.promtext import value, wait_for
 from tests.supervisor_process import Supervisor
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -38,9 +47,11 @@ def limited_config(upstream: FakeUpstreamThread, jwt_by: str = "kid", **policy: 
 def start(
     make_supervisor: Callable[..., Supervisor], doc: Any, tmp_path: Path, **kwargs: Any
 ) -> Supervisor:
+    """A supervisor, two workers unless told otherwise, with its state directory."""
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    sup: Supervisor = make_supervisor(doc, workers=2, env={"STATE_DIRECTORY": str(state)}, **kwargs)
+    kwargs.setdefault("workers", 2)
+    sup: Supervisor = make_supervisor(doc, env={"STATE_DIRECTORY": str(state)}, **kwargs)
     return sup
 
 
@@ -77,14 +88,17 @@ def test_concurrent_requests_are_bounded_and_given_back(
     sup = start(make_supervisor, limited_config(upstream, concurrent_requests=2), tmp_path)
     head = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
     streams = [rawhttp.Conn(sup.port) for _ in range(2)]
+    heads = []
     for conn in streams:
         conn.send(rawhttp.build_request("GET", "/openai/sse?events=2&interval_ms=700", head))
-        assert conn.read_head().status == 200
+        heads.append(conn.read_head())
+        assert heads[-1].status == 200
     refused = rawhttp.request(sup.port, "GET", "/openai/v1/models", head)
     assert refused.status == 429 and refused.header("x-ratelimit-limit-concurrent") == b"2"
-    for conn in streams:
+    assert refused.header("retry-after") == b"1"
+    for conn, resp in zip(streams, heads, strict=True):
         with conn:
-            conn.read_response()  # the rest of the stream, to its end
+            b"".join(conn.iter_chunks(resp))  # the rest of the stream, to its end
     sup.wait_for_log(r"request .*sse.*status=200")
     assert rawhttp.request(sup.port, "GET", "/openai/v1/models", head).status == 200
 
@@ -92,26 +106,26 @@ def test_concurrent_requests_are_bounded_and_given_back(
 def test_tokens_per_minute_refuses_once_the_window_is_spent(
     upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
-    sup = start(make_supervisor, limited_config(upstream, tokens_per_minute=5), tmp_path)
+    sup = start(make_supervisor, limited_config(upstream, tokens_per_minute=2), tmp_path)
     first = chat(sup.port)
-    assert first.status == 200 and json.loads(first.body)["usage"]["total_tokens"] > 5
+    assert first.status == 200 and json.loads(first.body)["usage"]["total_tokens"] > 2
     sup.wait_for_log(r"request .*chat/completions.*status=200")
     second = chat(sup.port)
-    assert second.status == 429 and second.header("x-ratelimit-limit-tokens") == b"5"
+    assert second.status == 429 and second.header("x-ratelimit-limit-tokens") == b"2"
     assert chat(sup.port, LIMITED_KEY).status in (200, 404)  # a key without a policy: free
 
 
 def test_tokens_per_day_survive_a_restart_of_the_service(
     upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
-    doc = limited_config(upstream, tokens_per_day=5)
+    doc = limited_config(upstream, tokens_per_day=2)
     sup = start(make_supervisor, doc, tmp_path)
     assert chat(sup.port).status == 200
     sup.wait_for_log(r"request .*chat/completions.*status=200")
     sup.stop()
     again = start(make_supervisor, doc, tmp_path, port=sup.port)
     refused = chat(again.port)
-    assert refused.status == 429 and refused.header("x-ratelimit-limit-budget") == b"5"
+    assert refused.status == 429 and refused.header("x-ratelimit-limit-budget") == b"2"
 
 
 def test_a_lowered_limit_applies_at_once_and_a_reload_keeps_the_counts(
@@ -154,8 +168,14 @@ def test_the_openai_sdk_sees_the_429_and_retries_after_retry_after(
     head = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
     busy = rawhttp.Conn(sup.port)
     busy.send(rawhttp.build_request("GET", "/openai/sse?events=2&interval_ms=600", head))
-    assert busy.read_head().status == 200
-    threading.Thread(target=lambda: (busy.read_response(), busy.close()), daemon=True).start()
+    stream = busy.read_head()
+    assert stream.status == 200
+
+    def drain() -> None:
+        with busy:
+            b"".join(busy.iter_chunks(stream))
+
+    threading.Thread(target=drain, daemon=True).start()
     mark = sup.mark()
     client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{sup.port}/openai/v1", api_key=CLIENT_KEY, max_retries=3
@@ -206,3 +226,86 @@ def test_limits_settings_are_validated_with_their_path(change: dict[str, Any], p
     errors = validate(doc)
     assert path in [e.split(": ")[0] for e in errors], errors
     assert not [e for e in errors if "sekrit-pw" in e]
+
+
+# --- backend: redis ----------------------------------------------------------------------
+
+
+def redis_config(
+    upstream: FakeUpstreamThread, url: str, on_error: str = "allow", **policy: int
+) -> Any:
+    doc = limited_config(upstream, **policy)
+    doc["limits"].update({"backend": "redis", "redis_url": url, "on_backend_error": on_error})
+    return doc
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The suite's redis-server, emptied: each test's buckets start at zero."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def test_two_instances_share_a_keys_limit_through_redis(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    doc = redis_config(upstream, redis_url, requests_per_minute=10)
+    first, second = (start(make_supervisor, doc, tmp_path) for _ in range(2))
+    statuses = Counter(
+        sup.request("GET", "/openai/v1/models", AUTH)[0]
+        for _ in range(8)
+        for sup in (first, second)
+    )
+    assert statuses == {200: 10, 429: 6}
+
+
+def test_each_limit_kind_with_redis(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    sup = start(make_supervisor, redis_config(upstream, redis_url, tokens_per_minute=2,
+                                              concurrent_requests=1), tmp_path)  # fmt: skip
+    head = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
+    with rawhttp.Conn(sup.port) as busy:
+        busy.send(rawhttp.build_request("GET", "/openai/sse?events=2&interval_ms=500", head))
+        stream = busy.read_head()
+        refused = rawhttp.request(sup.port, "GET", "/openai/v1/models", head)
+        assert refused.status == 429 and refused.header("x-ratelimit-limit-concurrent") == b"1"
+        b"".join(busy.iter_chunks(stream))
+    sup.wait_for_log(r"request .*sse.*status=200")
+    assert chat(sup.port).status == 200  # 3 tokens, over the 2 a minute
+    sup.wait_for_log(r"request .*chat/completions.*status=200")
+    refused = chat(sup.port)
+    assert refused.status == 429 and refused.header("x-ratelimit-limit-tokens") == b"2"
+
+
+def test_redis_down_allows_with_one_warning_and_recovers_without_a_restart(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor],
+    redis_server: RedisServer, redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    doc = redis_config(upstream, redis_url, requests_per_minute=1000)
+    sup = start(make_supervisor, doc, tmp_path, workers=1)
+    assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 200
+    redis_server.stop()
+    try:
+        mark = sup.mark()
+        for _ in range(3):
+            assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 200
+        sup.wait_for_log(r"request .*status=200", start=mark)
+        warnings = [x for x in sup.lines[mark:] if "limit backend unreachable" in x]
+        assert len(warnings) == 1 and redis_server.password not in warnings[0]
+        doc["limits"]["on_backend_error"] = "deny"
+        sup.write_config(doc)
+        sup.wait_for_generation(2)
+        status, _, body = sup.request("GET", "/openai/v1/models", AUTH)
+        assert status == 503 and json.loads(body)["error"]["type"] == "limit_backend_unavailable"
+    finally:
+        redis_server.start()
+    mark = sup.mark()
+    assert sup.request("GET", "/openai/v1/models", AUTH)[0] == 200
+    sup.wait_for_log(r"limit backend answering again", start=mark)
+    samples = wait_for(sup.url, "fluxgate_limit_backend_errors_total", 4)
+    assert value(samples, "fluxgate_limit_backend_errors_total") >= 4
