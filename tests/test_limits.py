@@ -80,6 +80,9 @@ def test_requests_per_minute_is_exact_across_two_workers(
     assert (refused.header("x-ratelimit-reset-requests") or b"").endswith(b"s")
     line = sup.wait_for_log(r"request .*status=429")
     assert " outcome=rate_limited " in line and " limit=requests " in line
+    labels = {"key_id": "ci", "limit": "requests"}
+    samples = wait_for(sup.url, "fluxgate_rate_limited_total", 30, **labels)
+    assert value(samples, "fluxgate_rate_limited_total", **labels) == 30
 
 
 def test_concurrent_requests_are_bounded_and_given_back(
