@@ -42,8 +42,9 @@ test-latest:
 # Record what .venv holds now as the tested versions (after a green make test-latest,
 # copy its venv's versions: make constraints VENV=.venv-latest).
 constraints: $(STAMP)
-	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
-	    | grep -v '^fluxgate-gateway=='; } > constraints.txt.new
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	    | grep -v '^fluxgate-gateway=='; grep '^async-timeout==' constraints.txt || true; } \
+	    > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 bench: $(STAMP)

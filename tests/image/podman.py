@@ -174,7 +174,9 @@ def build_image(log: Callable[[str], None]) -> None:
     try:
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", ".",
+            # async-timeout too: redis-py needs it below Python 3.11.3, which
+            # bookworm's python3 (the image's) is, and this host's may not be.
+            [sys.executable, "-m", "pip", "wheel", "--quiet", ".", "async-timeout",
              "-c", "constraints.txt", "-w", str(wheels)],
             cwd=ROOT,
             # A fixed time stamp inside the project's wheel: the same sources
