@@ -3,7 +3,10 @@ everything the master uses (checked here against the installed gunicorn)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.config import Config
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+PROJECT = "fluxgate-gateway"
 FIRST_WITH_EVERYTHING = (25, 1)  # control_socket_disable appeared in gunicorn 25.1.0
 
 
@@ -36,3 +40,18 @@ def test_the_installed_gunicorn_has_what_the_master_uses() -> None:
     assert "control_socket_disable" in Config().settings
     assert callable(getattr(Arbiter, "wait_for_signals", None))
     assert callable(getattr(sock, "_sock_type", None))
+
+
+def test_the_distribution_name_is_our_own_and_the_license_file_matches() -> None:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    assert project["name"] == PROJECT  # `fluxgate` on PyPI is another project
+    assert project["license"] == {"text": "MIT"}
+    assert (PYPROJECT.parent / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_version_prints_the_installed_distributions_version() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "fluxgate-supervisor"), "--version"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert out.stdout.split() == ["fluxgate-supervisor", importlib.metadata.version(PROJECT)]
