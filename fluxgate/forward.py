@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from .config import Timeouts, Upstream
+from .config import ProviderKey, Timeouts, Upstream
 from .errors import (
     UPSTREAM_FIRST_BYTE_TIMEOUT,
     UPSTREAM_TIMEOUT,
@@ -94,8 +94,11 @@ class Guard:
             self.ex.timeout = which
             self.task.cancel()
 
-    def await_head(self, seconds: float) -> None:
-        self.phase = self.loop.call_later(seconds, self._expired, "first_byte")
+    def await_head(self, timeouts: Timeouts) -> None:
+        """The first-byte deadline of an attempt; none needed when it is not shorter
+        than the whole exchange's (the default), which then says the same."""
+        if timeouts.first_byte < timeouts.request:
+            self.phase = self.loop.call_later(timeouts.first_byte, self._expired, "first_byte")
 
     def head_arrived(self) -> None:
         if self.phase is not None:
@@ -258,13 +261,13 @@ class Forwarder:
             key = upstream.keys[index] if upstream.keys else None
             ex.attempts += 1
             ex.provider_key = key.id if key is not None else None
-            guard.await_head(upstream.timeouts.first_byte)
+            guard.await_head(upstream.timeouts)
             sent = time.monotonic()
             try:
                 response = await self.client.request(
                     ex.method,
                     url,
-                    headers if key is None else [*headers, key.credential],
+                    _with_key(headers, key, pool is not None),
                     None if body is None else body.stream(),
                     upstream.timeouts.connect,
                     upstream.tls,
@@ -293,6 +296,19 @@ class Forwarder:
                 await asyncio.sleep(
                     min(upstream.retry_backoff * 2 ** (ex.attempts - 1), MAX_BACKOFF)
                 )
+
+
+def _with_key(
+    headers: list[tuple[str, str]], key: ProviderKey | None, again: bool
+) -> list[tuple[str, str]]:
+    """The request headers with the provider key's last; a copy only when another
+    attempt may need the list without this key's."""
+    if key is None:
+        return headers
+    if again:
+        return [*headers, key.credential]
+    headers.append(key.credential)
+    return headers
 
 
 def _may_retry(

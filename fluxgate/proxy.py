@@ -95,7 +95,8 @@ class ProxyApp:
                 raise ProxyError(DOT_SEGMENT)
             principal = self.authenticate(config, scope, ex)
             upstream = self.route(principal, path)
-            await self.apply_policy(config, principal, ex)
+            if principal.policy is not None:
+                await self.apply_policy(config, principal, ex)
             assert self.forwarder is not None, "lifespan startup makes it"
             await self.forwarder.forward(upstream, scope, receive, send, ex)
         except ProxyError as err:
@@ -126,8 +127,7 @@ class ProxyApp:
         Provider-key choice is the forwarder's (fluxgate.keypool), per attempt.
         """
         policy = principal.policy
-        if policy is None:
-            return
+        assert policy is not None
         limiter = self.limiter(config.limits)
         try:
             refusal = await limiter.admit(principal.bucket, policy)
