@@ -150,8 +150,11 @@ class ProxyApp:
         assert ex.limited is not None
         limiter, bucket, policy = ex.limited
         ex.limited = None
-        usage = ex.usage.result() if ex.usage is not None else None
-        tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0) if usage else 0
+        tokens = 0
+        # Parsing the usage costs time on every request: only for a policy that counts tokens.
+        if ex.usage is not None and (policy.tokens_per_minute or policy.tokens_per_day):
+            usage = ex.usage.result()
+            tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0) if usage else 0
         try:
             await limiter.finish(bucket, policy, tokens)
         except LimitBackendError as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from .logs import log_fields
@@ -61,7 +61,7 @@ class LimitSettings:
     """The `limits:` section."""
 
     backend: str = "local"  # local | redis
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     on_backend_error: str = "allow"  # allow | deny
 
 

@@ -81,18 +81,24 @@ DEFAULT_CONCURRENCY_TTL: Final = 900.0
 DEFAULT_MAX_CONNECTIONS: Final = 16
 DEFAULT_SOCKET_TIMEOUT: Final = 0.5  # seconds: connect, and each reply
 
+# Both scripts' clock, in ms: ARGV[1] when a test gives one, else Redis's own
+# TIME, so that every Fluxgate machine agrees on windows and the UTC day.
+_NOW: Final = """
+local function clock()
+  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # KEYS: concurrency zset, minute window hash, day hash.
 # ARGV: now in ms ('' = Redis's TIME), concurrent max (-1: none), request id,
 #       id ttl ms, requests per minute (-1), tokens per minute (-1), tokens per day (-1).
 # Returns {0} when admitted, else {limit (1-4), maximum, remaining, reset ms}.
-_ADMIT: Final = """
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(ARGV[1])
-end
+_ADMIT: Final = (
+    _NOW
+    + """
+local now = clock()
 local cmax = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[4])
 local rpm = tonumber(ARGV[5])
@@ -132,10 +138,13 @@ if window then
 end
 return {0}
 """
+)
 
 # KEYS: as _ADMIT. ARGV: now in ms ('' = TIME), request id ('' = none), tokens,
 # charge the minute window ('1'/'0'), charge the day ('1'/'0').
-_FINISH: Final = """
+_FINISH: Final = (
+    _NOW
+    + """
 if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1], ARGV[2]) end
 local tokens = tonumber(ARGV[3])
 if tokens <= 0 then return 0 end
@@ -144,13 +153,7 @@ if ARGV[4] == '1' then
   if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], 60000) end
 end
 if ARGV[5] == '1' then
-  local now
-  if ARGV[1] == '' then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  else
-    now = tonumber(ARGV[1])
-  end
+  local now = clock()
   local day = math.floor(now / 86400000)
   if tonumber(redis.call('HGET', KEYS[3], 'd')) == day then
     redis.call('HINCRBY', KEYS[3], 't', tokens)
@@ -161,6 +164,7 @@ if ARGV[5] == '1' then
 end
 return 0
 """
+)
 
 _LIMITS: Final = {1: CONCURRENT, 2: REQUESTS, 3: TOKENS, 4: BUDGET}
 
