@@ -8,16 +8,19 @@ it; metrics (fluxgate.metrics) and the request line (fluxgate.logs) read it
 when the request ends. Every one of them imports this module; none of them
 imports the app.
 
-A client that goes away is reported through the connection's `on_lost`
-callback (`ClientConnection`): the relay sets it while an upstream exchange
-is open, so that the exchange is cancelled at once, even while the upstream
-is silent.
+A client that goes away is reported through its connection's `ClientLink`:
+the relay sets the link's `on_lost` callback while an upstream exchange is
+open, so that the exchange is cancelled at once, even while the upstream is
+silent. The scope holds the link, never the protocol object itself: the
+protocol holds the scope, and the pair would make every connection a
+reference cycle that only a full garbage collection frees
+(docs/architecture.md, "Garbage collection").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from .usage import Tap
@@ -30,10 +33,13 @@ Scope = dict[str, Any]
 OnLost = Callable[[], None]
 
 
-class ClientConnection(Protocol):
-    """The client's connection as the relay sees it."""
+class ClientLink:
+    """The client's connection as the relay sees it: one per connection."""
 
-    on_lost: OnLost | None  # called once if the client goes away
+    __slots__ = ("on_lost",)
+
+    def __init__(self) -> None:
+        self.on_lost: OnLost | None = None  # called once if the client goes away
 
 
 class Exchange:

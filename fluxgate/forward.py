@@ -9,11 +9,11 @@ or is overloaded, or the connection failed before any response byte, and the
 request can be sent again. The client sees exactly one response.
 
 Three things can end an exchange early, and each cancels the task that
-relays it (`Guard`): the client going away (the protocol's `on_lost`
-callback, so an abandoned generation stops even while the upstream is
-silent), a deadline of the upstream's (the whole exchange, the first byte,
-the silence between chunks), or, through aiohttp, the connect deadline. What
-the cancellation means (a 504, a cut stream, a 499) is decided in one place,
+relays it (`Guard`): the client going away (its connection's `ClientLink`,
+so an abandoned generation stops even while the upstream is silent), a
+deadline of the upstream's (the whole exchange, the first byte, the silence
+between chunks), or, through aiohttp, the connect deadline. What the
+cancellation means (a 504, a cut stream, a 499) is decided in one place,
 `Guard.settle`.
 """
 
@@ -34,7 +34,7 @@ from .errors import (
     ProxyError,
     StreamAborted,
 )
-from .exchange import CONNECTION_SCOPE_KEY, ClientConnection, Exchange, Scope
+from .exchange import CONNECTION_SCOPE_KEY, ClientLink, Exchange, Scope
 from .headers import client_headers, upstream_headers
 from .keypool import KeyPool, KeyPools
 from .metrics import WorkerMetrics
@@ -71,7 +71,7 @@ class Guard:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        connection: ClientConnection,
+        connection: ClientLink,
         ex: Exchange,
         timeouts: Timeouts,
     ) -> None:
@@ -351,7 +351,10 @@ async def relay(
                 tap.feed(chunk)
             if beat is not None:
                 beat()
-    except (aiohttp.ClientError, OSError):
+    except (aiohttp.ClientError, OSError) as exc:
+        # The response's reader keeps this error, and its traceback would keep
+        # this frame, which keeps the response: a cycle (fluxgate.gcpolicy).
+        exc.__traceback__ = None
         ex.outcome = "upstream_body_error"
         raise StreamAborted from None
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -32,7 +32,7 @@ from .errors import (
     OVER_CAPACITY,
     ErrorResponse,
 )
-from .exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange, OnLost
+from .exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, ClientLink, Exchange
 from .limits import ConnectionGate
 from .logs import TRACE, log_fields, loggable_target, request_log
 from .metrics import WorkerMetrics
@@ -120,9 +120,9 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.metrics = metrics  # counts the requests answered here, before the app
         self._admitted = False
         self._rejected = False
-        # Set by the relay while an upstream exchange is open: called once if the
-        # client goes away, so it is cancelled at once (fluxgate.exchange).
-        self.on_lost: OnLost | None = None
+        # The relay sets its `on_lost` while an upstream exchange is open: called
+        # once if the client goes away, so it is cancelled at once (fluxgate.exchange).
+        self.link = ClientLink()
         self._awaiting_head = True
         self._head_bytes = 0  # raw bytes received while the head is incomplete
         self._head_size = 0  # bytes of request line and headers parsed so far
@@ -139,7 +139,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        callback, self.on_lost = self.on_lost, None
+        callback, self.link.on_lost = self.link.on_lost, None
         if callback is not None:
             callback()
         if self._admitted and self.gate is not None:
@@ -292,7 +292,7 @@ class FluxgateProtocol(HttpToolsProtocol):
             chunked or bool(length),
             None if tokens is None else frozenset(tokens),
         )
-        self.scope[CONNECTION_SCOPE_KEY] = self  # type: ignore[typeddict-unknown-key]
+        self.scope[CONNECTION_SCOPE_KEY] = self.link  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
         cycle = self.cycle
         cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from gunicorn.workers.base import Worker
 from setproctitle import setproctitle
 
 from .config import Config, build_config
+from .gcpolicy import GcPolicy
 from .limits import ConnectionGate, ConnectionTable
 from .logs import configure_logging
 from .protocol import FluxgateProtocol
@@ -106,6 +106,7 @@ class FluxgateWorker(Worker):
         self.proxy = ProxyApp(config, make_limiter=self.make_limiter)
         self.proxy.metrics.connections = lambda: self.gate.active
         self._snapshot_mtime = 0
+        self.gc_policy = GcPolicy()
         self._set_title()
 
     def make_limiter(self, settings: LimitSettings) -> Limiter:
@@ -144,9 +145,9 @@ class FluxgateWorker(Worker):
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, server.handle_exit, sig, None)
-        # Everything allocated so far lives as long as the process: keep the
-        # cyclic collector from re-scanning it on every full collection.
-        gc.freeze()
+        # Everything allocated so far lives as long as the process, and open
+        # streams keep theirs alive: see fluxgate.gcpolicy.
+        self.gc_policy.start()
         self._configure_metrics(config)
         heartbeat = asyncio.ensure_future(self._heartbeat())
         # A HUP sent between fork and the handler above was ignored: catch up.
@@ -162,6 +163,7 @@ class FluxgateWorker(Worker):
         while True:
             self.notify()
             self.proxy.metrics.refresh()
+            self.gc_policy.tick()
             if os.getppid() != self.ppid:
                 log.warning("master (pid %s) is gone: shutting down", self.ppid)
                 self.server.should_exit = True

@@ -18,7 +18,6 @@ import gc
 import importlib
 import pkgutil
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import fluxgate
 import fluxgate_supervisor
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.config import build_config
-from fluxgate.exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange
+from fluxgate.exchange import CONNECTION_SCOPE_KEY, EXCHANGE_SCOPE_KEY, ClientLink, Exchange
 from fluxgate.forward import Forwarder
 from fluxgate.proxy import ProxyApp
 from fluxgate.upstream import UpstreamClient
@@ -49,10 +48,6 @@ def test_no_module_keeps_an_exception_instance() -> None:
 
 class Headers(list[tuple[bytes, bytes]]):
     """A header list that a weak reference can watch."""
-
-
-class Connection:
-    on_lost: Callable[[], None] | None = None
 
 
 BIG = b"x" * 60_000
@@ -119,7 +114,7 @@ def test_a_refused_request_leaves_nothing_of_itself_alive(
                 scope = {"type": "http", "method": method, "headers": request_headers,
                          "client": ("127.0.0.1", 1),
                          EXCHANGE_SCOPE_KEY: Exchange(method, target),
-                         CONNECTION_SCOPE_KEY: Connection()}  # fmt: skip
+                         CONNECTION_SCOPE_KEY: ClientLink()}  # fmt: skip
                 await app.handle(scope, receive, send)
                 del request_headers, scope
             app.request_log.flush()

@@ -1,0 +1,89 @@
+"""Garbage collection for a worker that holds thousands of long-lived streams.
+
+CPython's cyclic collector runs a full collection, which visits every
+tracked object, whenever its oldest generation has grown by a quarter since
+the last one. A worker holding open streams keeps about a hundred tracked
+objects alive per stream, none of them garbage, so each full collection
+stops every stream on the worker for a time that grows with the number open,
+and collections come often while streams are opening (BENCHMARKS.md,
+"Measurements behind the design").
+
+Reference counting frees everything else the moment it is dropped; the
+cyclic collector is only needed for reference cycles, and an exchange makes
+none of its own (tests/test_gc_policy.py checks each kind). So here:
+
+- what exists once the worker has started is frozen (never visited again);
+- young collections run as CPython runs them: they visit young objects only;
+- the oldest generation is never collected by CPython's own trigger;
+- once a minute (`GcPolicy.tick`, from the worker's heartbeat) what has
+  survived into the oldest generation is frozen too and counted, and when
+  that count has doubled since the last full collection, one full collection
+  runs. Cycles a library leaves behind (aiohttp keeps the exception of a
+  connection the upstream closed) are freed then, and the memory they can
+  hold stays within the size of the live heap.
+
+A frozen object is still freed by reference counting when its last
+reference goes: freezing only keeps the collector from visiting it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Final
+
+log = logging.getLogger("fluxgate.gc")
+
+CHECK_INTERVAL: Final = 60.0  # seconds between two looks at the oldest generation
+GROWTH: Final = 2.0  # a full collection once the frozen objects have doubled
+# CPython's default young thresholds; the oldest generation's own trigger is
+# never reached (it counts young collections).
+THRESHOLDS: Final = (700, 10, 1 << 30)
+
+
+class GcPolicy:
+    """The worker's garbage collection, as the module docstring describes.
+
+    `start()` once the worker is ready to serve; `tick()` as often as
+    convenient (it acts once per `check_interval`).
+    """
+
+    def __init__(self, check_interval: float = CHECK_INTERVAL, growth: float = GROWTH) -> None:
+        self.check_interval = check_interval
+        self.growth = growth
+        self.baseline = 0  # frozen objects just after the last full collection (or start)
+        self.next_check = 0.0
+        self.full_collections = 0
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*THRESHOLDS)
+        self.baseline = gc.get_freeze_count()
+        self.next_check = time.monotonic() + self.check_interval
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.check_interval
+        gc.freeze()
+        if gc.get_freeze_count() > self.baseline * self.growth:
+            self.collect()
+
+    def collect(self) -> int:
+        """One full collection of everything; returns the objects freed."""
+        started = time.perf_counter()
+        gc.unfreeze()
+        freed = gc.collect()
+        gc.freeze()
+        self.baseline = gc.get_freeze_count()
+        self.full_collections += 1
+        log.debug(
+            "full garbage collection: %d objects freed, %d kept, %.1f ms",
+            freed,
+            self.baseline,
+            (time.perf_counter() - started) * 1000,
+        )
+        return freed
