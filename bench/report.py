@@ -510,6 +510,7 @@ def derive_streams(blob: dict[str, Any]) -> dict[str, Any]:
             figures["streams"] = sc["streams"] * len(rs)
             figures["held_min"] = min((r.get("held", 0) for r in rs), default=0)
             figures["errors"] = [r["error"] for r in rs if "error" in r]
+            figures["unreleased"] = sum(1 for r in rs if r.get("release_s", 0) is None)
             figures["log_lines"] = sum(r.get("log_lines", 0) for r in rs)
             figures["log_sample"] = next((r["log_sample"] for r in rs if r.get("log_sample")), [])
             figures["fds"] = [r.get("fds", []) for r in rs]
@@ -654,6 +655,10 @@ def streams_section(blob: dict[str, Any] | None) -> list[str]:
             f = d[key][name]
             if f["errors"]:
                 notes.append(f"{LABELS[name]}: runs that did not finish: " + "; ".join(f["errors"]))
+            if f["unreleased"]:
+                notes.append(f"{LABELS[name]}: in {f['unreleased']} run(s) the upstream still had"
+                             " streams open 30 s after the client closed them all (the run"
+                             " after it overlapped with them)")  # fmt: skip
             if f["log_lines"] and name != "direct":
                 notes.append(f"{LABELS[name]}: {f['log_lines']} log lines during these runs, e.g. "
                              f"`{f['log_sample'][0][:200]}`")  # fmt: skip

@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams-rounds", type=int, default=3)
     parser.add_argument("--streams-window", type=float, default=10.0, help="s of steady state")
     parser.add_argument("--streams-systems", default=",".join(streams.SYSTEMS),
-                        help="comma-separated; passthrough may be added")  # fmt: skip
+                        help="comma-separated; passthrough may be added, but it does not close "
+                        "a stream's upstream side when the client leaves, so its runs overlap "
+                        "the next for up to 30 s")  # fmt: skip
     parser.add_argument("--streams-scenarios", default=",".join(streams.SCENARIOS),
                         help="A (1,000 × 10/s), B (10,000 × 1 per 2 s)")  # fmt: skip
     args = parser.parse_args(argv)

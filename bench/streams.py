@@ -46,12 +46,11 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, Any, cast
 
 import uvloop
 
-if TYPE_CHECKING:
-    from .servers import Stack, System
+from .servers import STREAMS_NGINX_CONNECTIONS, Stack, System, fd_count
 
 STAMP = b'"t": '
 
@@ -399,8 +398,6 @@ def _log_text(stack: Stack, name: str) -> str:
 def _released(ticks: System, baseline: int, timeout: float) -> float | None:
     """Seconds until the upstream is back to `baseline` descriptors (every stream's
     upstream side closed), or None if it is not within `timeout`."""
-    from .servers import fd_count
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         n = fd_count(ticks.proc.pid)
@@ -414,8 +411,6 @@ def run_once(
     stack: Stack, system: System, sc: Scenario, window: float, idle_kib: int, stderr: IO[str]
 ) -> dict[str, Any]:
     """One client run against `system` (`idle_kib`: its PSS before the first run)."""
-    from .servers import fd_count
-
     ticks = stack.ticks
     assert ticks is not None
     proxy = system.name != "direct"  # direct's process tree is not on the path
@@ -453,6 +448,8 @@ def run_once(
         client.close()
     # Both sides of every stream closed, so the next run starts from quiet.
     out["release_s"] = _released(ticks, ticks_fds + 8, 30.0)
+    if out["release_s"] is None:
+        log(f"warning: {system.name} left streams open at the upstream 30 s after the client")
     if "error" in out:
         return out
     window_events = max(1, out["window_events"])
@@ -493,8 +490,6 @@ def long_streams_phase(
 ) -> dict[str, Any]:
     """Every scenario over `names` on fresh servers, interleaved round by round with
     the order rotated; the servers' temp dir is kept if anything failed or logged."""
-    from .servers import STREAMS_NGINX_CONNECTIONS, Stack
-
     stack = Stack(nginx_connections=STREAMS_NGINX_CONNECTIONS)
     try:
         log("long streams: starting fresh servers")
