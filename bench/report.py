@@ -728,11 +728,12 @@ def streams_chart(blob: dict[str, Any], d: dict[str, Any], path: Path = STREAMS_
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(STREAM_PERCENTILES))]
         ax.bar(xs, meds, width, yerr=[[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]],
                capsize=3, label=LABELS[name], color=colours.get(name, "#7f7f7f"))  # fmt: skip
-        for x, m in zip(xs, meds, strict=True):
-            ax.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
+        for x, st in zip(xs, stats, strict=True):  # above the whisker, not on it
+            ax.text(x, max(st), f"{st[0]:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(STREAM_PERCENTILES)), [label for _, label in STREAM_PERCENTILES])
     # Medians of differences can be a little below zero at p50: a linear zone around 0.
     ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(top=ax.get_ylim()[1] * 2)  # room for the labels over the whiskers
     ax.set_ylabel("added latency per event over direct, ms (symlog)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.grid(axis="y", which="both", alpha=0.3)
