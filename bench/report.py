@@ -1,4 +1,9 @@
-"""Turn the raw results of bench.run into BENCHMARKS.md and one chart (bench/latency.png).
+"""Turn the raw results of bench.run into BENCHMARKS.md and its charts.
+
+bench/latency.png for the main run, bench/streams.png for the long streams
+(bench.streams), whose section comes from the newer of the main run's
+"long_streams" and the latest `bench.run --streams` run, and is also spliced
+into the page on its own after a `--streams` run.
 
 python -m bench.report [bench/results/latest.json]   # re-render without re-running
 """
@@ -15,6 +20,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MARKDOWN = HERE.parent / "BENCHMARKS.md"
 CHART = HERE / "latency.png"
+STREAMS_CHART = HERE / "streams.png"
+STREAMS_LATEST = HERE / "results" / "streams-latest.json"
+STREAMS_BEGIN, STREAMS_END = "<!-- long-streams -->", "<!-- /long-streams -->"
 SYSTEMS = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
            "fluxgate-limits", "fluxgate-redis"]  # fmt: skip
 LABELS = {
@@ -44,6 +52,12 @@ Stat = tuple[float, float, float]  # median, min, max
 
 def stat(values: Sequence[float]) -> Stat:
     return statistics.median(values), min(values), max(values)
+
+
+def stat_or_none(values: Sequence[float | None]) -> Stat | None:
+    """Over the rounds that have the figure (a run that failed has none)."""
+    present = [v for v in values if v is not None]
+    return stat(present) if present else None
 
 
 def per_round(runs: dict[str, list[dict[str, Any]]], name: str, key: str) -> list[float]:
@@ -306,6 +320,7 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         *observability_section(),
         f"![Latency percentiles at one connection and throughput at 64]({CHART.relative_to(HERE.parent)})",  # noqa: E501
         "",
+        *streams_section(streams_source(raw)),
         "## Machine and versions",
         "",
         f"- {m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB; {m['os']}, Linux {m['kernel']}",
@@ -419,6 +434,339 @@ def chart(raw: dict[str, Any], d: dict[str, Any], path: Path = CHART) -> None:
     plt.close(fig)
 
 
+# Many long streams (bench.streams)
+
+STREAM_PERCENTILES = [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"), ("max", "max")]
+
+
+def streams_source(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The long-streams results to show: the newer of this run's and the latest
+    `bench.run --streams` run's (None if neither exists, as in older results)."""
+    found = [raw["long_streams"]] if raw.get("long_streams") else []
+    if STREAMS_LATEST.exists():
+        other = json.loads(STREAMS_LATEST.read_text()).get("long_streams")
+        if other:
+            found.append(other)
+    return max(found, key=lambda b: str(b.get("started", ""))) if found else None
+
+
+def _get(run: dict[str, Any], *path: str) -> float | None:
+    value: Any = run
+    for key in path:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return float(value)
+
+
+def _pairs(
+    runs: dict[str, list[dict[str, Any]]], a: str, b: str, path: tuple[str, ...],
+    op: Callable[[float, float], float],
+) -> Stat | None:  # fmt: skip
+    """`op(a, b)` round by round, over the rounds where both have the figure."""
+    if a not in runs or b not in runs:
+        return None
+    values = []
+    for x, y in zip(runs[a], runs[b], strict=True):
+        vx, vy = _get(x, *path), _get(y, *path)
+        if vx is not None and vy is not None and (op is not _ratio or vy):
+            values.append(op(vx, vy))
+    return stat(values) if values else None
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y
+
+
+def _minus(x: float, y: float) -> float:
+    return x - y
+
+
+def derive_streams(blob: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario and system: medians (min–max) over rounds, and the paired figures."""
+    out: dict[str, Any] = {}
+    for key, sc in blob["scenarios"].items():
+        runs: dict[str, list[dict[str, Any]]] = sc["runs"]
+        d: dict[str, Any] = {"systems": list(runs), "ratios": {}}
+        for name, rs in runs.items():
+            figures: dict[str, Any] = {
+                k: stat_or_none([_get(r, k) for r in rs])
+                for k in ("events_per_s", "cpu_us_per_event", "cpu_us_per_event_run",
+                          "pss_kib_per_stream", "pss_kept_mib", "upstream_cpu_us_per_event",
+                          "release_s")
+            }  # fmt: skip
+            for p, _ in STREAM_PERCENTILES:
+                figures[p] = stat_or_none([_get(r, "latency_ms", p) for r in rs])
+                if name != "direct":
+                    figures[f"added_{p}"] = _pairs(runs, name, "direct", ("latency_ms", p), _minus)
+            figures["head_p99"] = stat_or_none([_get(r, "head_ms", "p99") for r in rs])
+            figures["open_s"] = stat_or_none([_get(r, "open", "open_s") for r in rs])
+            kinds: dict[str, int] = {}
+            for r in rs:
+                for kind, n in r.get("failures", {}).items():
+                    kinds[kind] = kinds.get(kind, 0) + n
+            figures["failed"] = sum(r.get("failed", 0) for r in rs)
+            figures["failure_kinds"] = kinds
+            figures["streams"] = sc["streams"] * len(rs)
+            figures["held_min"] = min((r.get("held", 0) for r in rs), default=0)
+            figures["errors"] = [r["error"] for r in rs if "error" in r]
+            figures["unreleased"] = sum(1 for r in rs if r.get("release_s", 0) is None)
+            figures["log_lines"] = sum(r.get("log_lines", 0) for r in rs)
+            figures["log_sample"] = next((r["log_sample"] for r in rs if r.get("log_sample")), [])
+            figures["fds"] = [r.get("fds", []) for r in rs]
+            idle = blob.get("pss_idle_kib", {}).get(name)
+            figures["pss_idle_mib"] = None if idle is None else idle / 1024
+            d[name] = figures
+        for label, path in (
+            ("CPU per event, window", ("cpu_us_per_event",)),
+            ("CPU per event, whole run", ("cpu_us_per_event_run",)),
+            ("PSS per open stream", ("pss_kib_per_stream",)),
+        ):
+            d["ratios"][label] = _pairs(runs, "fluxgate", "nginx", path, _ratio)
+        out[key] = d
+    return out
+
+
+def _streams_table(sc: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    names = [n for n in SYSTEMS if n in d["systems"]]
+    ramp = sc["streams"] / sc["rate"]
+
+    def cells(fn: Callable[[dict[str, Any], str], str]) -> list[str]:
+        return [fn(d[n], n) for n in names]
+
+    def failed(f: dict[str, Any], _: str) -> str:
+        text = f"{f['failed']:,} of {f['streams']:,}"
+        if f["failure_kinds"]:
+            text += " (" + ", ".join(f"{k}: {v:,}" for k, v in f["failure_kinds"].items()) + ")"
+        if f["errors"]:
+            text += f"; **{len(f['errors'])} run(s) did not finish**"
+        return f"**{text}**" if f["failed"] and not f["errors"] else text
+
+    rows = [
+        _row("", [LABELS[n] for n in names]), "|---" * (len(names) + 1) + "|",
+        _row("events relayed per s (window)", cells(lambda f, _: fmt(f["events_per_s"], 0))),
+        _row("proxy CPU per event, µs (window)",
+             cells(lambda f, _: fmt(f["cpu_us_per_event"], 1))),
+        _row("proxy CPU per event, µs (whole run)",
+             cells(lambda f, _: fmt(f["cpu_us_per_event_run"], 1))),
+        _row("PSS per open stream, KiB", cells(lambda f, _: fmt(f["pss_kib_per_stream"], 1))),
+        _row("PSS idle before the first run, MiB", cells(
+            lambda f, _: "—" if f["pss_idle_mib"] is None else f"{f['pss_idle_mib']:.1f}")),
+        _row("PSS kept after the streams closed, MiB over idle",
+             cells(lambda f, _: fmt(f["pss_kept_mib"], 1))),
+    ]  # fmt: skip
+    for p, label in STREAM_PERCENTILES:
+        rows.append(_row(f"event latency {label}, ms", cells(lambda f, _, p=p: fmt(f[p]))))
+    for p, label in STREAM_PERCENTILES:
+        rows.append(
+            _row(
+                f"*added* {label} over direct, ms",
+                cells(lambda f, _, p=p: fmt(f.get(f"added_{p}"))),
+            )
+        )
+    rows += [
+        _row("response head p99, ms (during the ramp)", cells(lambda f, _: fmt(f["head_p99"], 2))),
+        _row(f"every head in, s after the first connect (the ramp: {ramp:g} s)",
+             cells(lambda f, _: fmt(f["open_s"], 1))),
+        _row("streams failed (all rounds)", cells(failed)),
+    ]  # fmt: skip
+    ratios = ["| Fluxgate / nginx | median | min | max |", "|---|---|---|---|"]
+    for label, r in d["ratios"].items():
+        ratios.append(
+            f"| {label} | **{r[0]:.2f}** | {r[1]:.2f} | {r[2]:.2f} |"
+            if r
+            else f"| {label} | — | — | — |"
+        )
+    return [*rows, "", *ratios]
+
+
+def _streams_targets(d: dict[str, Any]) -> list[str]:
+    checks: list[tuple[str, bool, str]] = []
+
+    def at_most(target: str, s: Stat | None, limit: float, unit: str, digits: int) -> None:
+        value = None if s is None else s[0]
+        shown = "—" if value is None else f"{value:.{digits}f}{unit}"
+        checks.append((target, value is not None and value <= limit, shown))
+
+    has = {k for k in ("A", "B") if k in d and "fluxgate" in d[k]}
+    for key, title in (("A", "1,000 × 10/s"), ("B", "10,000 × 1 per 2 s")):
+        if key in has:
+            cpu = d[key]["ratios"]["CPU per event, window"]
+            at_most(f"CPU per relayed event ≤ 1.3× nginx's ({title})", cpu, 1.3, "×", 2)
+    if "A" in has:
+        fg = d["A"]["fluxgate"]
+        at_most("added latency per event p99 ≤ 0.5 ms at 1,000 × 10/s", fg["added_p99"], 0.5,
+                " ms", 3)  # fmt: skip
+        at_most("added latency per event p99.9 ≤ 1.5 ms at 1,000 × 10/s", fg["added_p999"], 1.5,
+                " ms", 3)  # fmt: skip
+    for key, title in (("A", "1,000 streams"), ("B", "10,000 streams")):
+        if key in has:
+            pss = d[key]["ratios"]["PSS per open stream"]
+            at_most(f"memory per open stream ≤ nginx's ({title})", pss, 1.0, "×", 2)
+    if "B" in has:
+        fg = d["B"]["fluxgate"]
+        shown = f"{fg['held_min']:,} held at least, {fg['failed']:,} failed"
+        if fg["errors"]:
+            shown += f", {len(fg['errors'])} run(s) did not finish"
+        ok = not fg["failed"] and not fg["errors"] and fg["held_min"] == 10000
+        checks.append(("10,000 streams held, none failed", ok, shown))
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, ok, v in checks]
+    return lines
+
+
+def streams_section(blob: dict[str, Any] | None) -> list[str]:
+    """The BENCHMARKS.md section, between markers so that a `--streams` run can
+    replace it alone; nothing for results that have none."""
+    if blob is None:
+        return []
+    d = derive_streams(blob)
+    st = blob["settings"]
+    busy = blob.get("busy_before", 0.0)
+    chart_path = STREAMS_CHART.relative_to(HERE.parent)
+    lines = [
+        STREAMS_BEGIN,
+        "## Many long streams",
+        "",
+        f"From {blob.get('started', '?')[:10]}, commit `{blob.get('git', '?')}`"
+        f" ({blob.get('seconds', 0) / 60:.1f} minutes; `python -m bench.run --streams` runs only"
+        f" this). Median of {st['rounds']} interleaved rounds with (min–max); the *added* rows"
+        " and the ratios pair each round with direct's or nginx's run of the same round.",
+        "",
+        *(
+            [f"> The machine was {busy:.0%} busy with other work just before these rounds: the"
+             " tails and the min–max ranges show it.", ""]
+            if busy > 0.1 else []
+        ),
+    ]  # fmt: skip
+    for key, sc in blob["scenarios"].items():
+        lines += [
+            f"### {key}: {sc['title']}",
+            "",
+            f"{sc['streams']:,} streams opened at {sc['rate']:,.0f} a second, each an event every"
+            f" {sc['interval_ms']} ms; a {st['window_s']:g} s window starts {st['settle_s']:g} s"
+            " after the last response head.",
+            "",
+            *_streams_table(sc, d[key]),
+            "",
+        ]
+        notes = []
+        for name in d[key]["systems"]:
+            f = d[key][name]
+            if f["errors"]:
+                notes.append(f"{LABELS[name]}: runs that did not finish: " + "; ".join(f["errors"]))
+            if f["unreleased"]:
+                notes.append(f"{LABELS[name]}: in {f['unreleased']} run(s) the upstream still had"
+                             " streams open 30 s after the client closed them all (the run"
+                             " after it overlapped with them)")  # fmt: skip
+            if f["log_lines"] and name != "direct":
+                notes.append(f"{LABELS[name]}: {f['log_lines']} log lines during these runs, e.g. "
+                             f"`{f['log_sample'][0][:200]}`")  # fmt: skip
+        up = d[key]["direct"]["upstream_cpu_us_per_event"] if "direct" in d[key] else None
+        if up is not None:
+            notes.append(f"the tick upstream's own CPU per event: {fmt(up, 1)} µs")
+        for name in ("nginx", "fluxgate"):
+            fds = d[key][name]["fds"] if name in d[key] else []
+            if fds and fds[0]:
+                split = " / ".join(str(x) for x in fds[0])
+                notes.append(f"{LABELS[name]}: open descriptors per process in the window of"
+                             f" round 1 (parent first): {split}")  # fmt: skip
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "Targets:",
+        "",
+        *_streams_targets(d),
+        "",
+        *([f"![Added latency per event at 1,000 × 10/s]({chart_path})", ""] if "A" in d else []),
+        "How: [bench/tick_upstream.py](bench/tick_upstream.py) (raw asyncio Protocol, uvloop; one",
+        "1 ms timer wheel for all streams) writes every event as its own chunk and write, stamped",
+        "with `time.monotonic_ns()` just before the write; [bench/streams.py](bench/streams.py),",
+        "a uvloop client in its own process, opens the streams (`POST …/ticks`, the same prefix",
+        "per system as the SSE rows above) with one raw Protocol each that de-chunks the body as",
+        "it arrives and takes, for every event, the time of its read minus its stamp. **Event",
+        "latency** is over the events received in the window only (steady state; the ramp is",
+        "in the *response head* row: request written to status line received). **Proxy CPU**",
+        "is utime+stime of the system's process tree (master and workers) over the window,",
+        "divided by the events the client received in it; *whole run* is from before the",
+        "first connect to after the upstream saw the last stream closed, over every event",
+        "received. **PSS per open stream**: the tree's PSS (smaps_rollup, so pages shared",
+        "after fork count once) in the window, the mean of its start and end, less its PSS",
+        "idle before the first run, over the streams held. These scenarios run on servers",
+        "started for them, and the baseline is not taken anew before each run: a Python",
+        "process keeps what it freed and reuses it, so a per-run baseline would show almost",
+        "nothing from the second round on (the *kept* row is that memory). Direct has no",
+        "process on the path, so no CPU or memory figures. A stream **failed** if its head",
+        "was not 200 or did not come within 30 s, if it closed before the end, or if it ended",
+        "more than max(2 s, 2 intervals) behind its schedule; the client closes every stream",
+        "after the window.",
+        "nginx: `proxy_buffering off`, its default buffer size, `worker_connections 20480`;",
+        "Fluxgate: `server.max_connections: 20000`; both 2 workers. Client, upstream and",
+        "proxy share the machine's cores.",
+        "",
+        STREAMS_END,
+        "",
+    ]  # fmt: skip
+    return lines
+
+
+def streams_chart(blob: dict[str, Any], d: dict[str, Any], path: Path = STREAMS_CHART) -> None:
+    """Added latency percentiles per proxy in scenario A (nothing without it)."""
+    if "A" not in d:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SYSTEMS if n in d["A"]["systems"] and n != "direct"]
+    colours = {"nginx": "#2ca02c", "passthrough": "#1f77b4", "fluxgate": "#d62728"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        stats = [d["A"][name].get(f"added_{p}") or (0.0, 0.0, 0.0) for p, _ in STREAM_PERCENTILES]
+        meds = [s[0] for s in stats]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(STREAM_PERCENTILES))]
+        ax.bar(xs, meds, width, yerr=[[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]],
+               capsize=3, label=LABELS[name], color=colours.get(name, "#7f7f7f"))  # fmt: skip
+        for x, st in zip(xs, stats, strict=True):  # above the whisker, not on it
+            ax.text(x, max(st), f"{st[0]:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(STREAM_PERCENTILES)), [label for _, label in STREAM_PERCENTILES])
+    # Medians of differences can be a little below zero at p50: a linear zone around 0.
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(top=ax.get_ylim()[1] * 2)  # room for the labels over the whiskers
+    ax.set_ylabel("added latency per event over direct, ms (symlog)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    sc = blob["scenarios"]["A"]
+    ax.set_title(
+        f"{sc['title']}: added latency per event, {blob.get('started', '?')[:10]}, median of "
+        f"{blob['settings']['rounds']} rounds, bars min–max",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_streams(blob: dict[str, Any]) -> None:
+    """After `bench.run --streams`: the chart, and the section replaced (or inserted
+    before "## Machine and versions") in the BENCHMARKS.md there is."""
+    streams_chart(blob, derive_streams(blob))
+    section = "\n".join(streams_section(blob))
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else "# Benchmarks\n\n"
+    if STREAMS_BEGIN in text and STREAMS_END in text:
+        before, _, rest = text.partition(STREAMS_BEGIN)
+        after = rest.partition(STREAMS_END)[2].lstrip("\n")
+        text = before + section + after
+    elif "## Machine and versions" in text:
+        before, _, after = text.partition("## Machine and versions")
+        text = before + section + "## Machine and versions" + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    MARKDOWN.write_text(text)
+
+
 def observability_section() -> list[str]:
     from .observability import section  # it imports this module's helpers
 
@@ -428,6 +776,9 @@ def observability_section() -> list[str]:
 def write(raw: dict[str, Any]) -> None:
     d = derive(raw)
     chart(raw, d)
+    blob = streams_source(raw)
+    if blob is not None:
+        streams_chart(blob, derive_streams(blob))
     MARKDOWN.write_text(markdown(raw, d))
 
 

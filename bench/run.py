@@ -7,6 +7,7 @@ latest.json); bench.report turns them into BENCHMARKS.md and bench/latency.png.
 
     python -m bench.run [--repeats 5] [--duration 5] [--latency-duration 3]
     python -m bench.run --observability   # only the cost of metrics and token usage
+    python -m bench.run --streams         # only many long streams (bench.streams)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from . import clients, observability, report
+from . import clients, observability, report, streams
 from .servers import ROOT, Stack, System, http_get, rss_kib, write_fluxgate_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -210,6 +211,46 @@ def reload_phase(system: System, idle_reloads: int, load_reloads: int) -> dict[s
     }
 
 
+def long_streams(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.time()
+    # Its own date, commit and load: the report may show it beside an older full run.
+    busy = round(_busy_fraction(2.0), 3)
+    if busy > 0.1:
+        log(f"warning: the machine was {busy:.0%} busy before the long streams")
+    out = streams.long_streams_phase(
+        rounds=args.streams_rounds,
+        window=args.streams_window,
+        names=args.streams_systems.split(","),
+        scenarios=args.streams_scenarios.split(","),
+    )
+    out["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    out["git"] = _cmd_output(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    out["busy_before"] = busy
+    out["seconds"] = round(time.time() - started, 1)
+    return out
+
+
+def streams_only(args: argparse.Namespace) -> int:
+    """`--streams`: only the long-streams scenarios (on servers of their own), save, report."""
+    started = time.time()
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine(),
+        "versions": versions(),
+    }
+    results["long_streams"] = long_streams(args)
+    results["seconds"] = round(time.time() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    for path in (RESULTS / f"streams-{stamp}.json", report.STREAMS_LATEST):
+        path.write_text(json.dumps(results, indent=1))
+    log(f"raw results: {RESULTS / f'streams-{stamp}.json'} ({results['seconds']:.0f} s)")
+    if not args.no_report:
+        report.write_streams(results["long_streams"])
+        log("wrote the long-streams section of BENCHMARKS.md and bench/streams.png")
+    return 0
+
+
 def log_scan(text: str) -> dict[str, Any]:
     lines = [x for x in text.splitlines() if x.strip()]
     bad = [x for x in lines if x.startswith(("WARN", "ERROR", "CRITICAL", "Traceback"))]
@@ -228,12 +269,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only compare Fluxgate with metrics and token usage on and off",
     )
+    parser.add_argument("--streams", action="store_true", help="only the long-streams scenarios")
+    parser.add_argument("--streams-rounds", type=int, default=3)
+    parser.add_argument("--streams-window", type=float, default=10.0, help="s of steady state")
+    parser.add_argument("--streams-systems", default=",".join(streams.SYSTEMS),
+                        help="comma-separated; passthrough may be added, but it does not close "
+                        "a stream's upstream side when the client leaves, so its runs overlap "
+                        "the next for up to 30 s")  # fmt: skip
+    parser.add_argument("--streams-scenarios", default=",".join(streams.SCENARIOS),
+                        help="A (1,000 × 10/s), B (10,000 × 1 per 2 s)")  # fmt: skip
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             sys.exit(f"{tool} is missing: run bench/setup.sh (or `make bench`)")
+    # Children inherit it: the long-streams client holds 10,000 sockets, and a proxy
+    # worker up to 20,000 (each stream's client and upstream side, were one worker
+    # to take them all).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
 
     # A SIGTERM to the benchmark still stops every server it started.
@@ -245,12 +298,16 @@ def main(argv: list[str] | None = None) -> int:
             report.write(json.loads(latest.read_text()))
             log("wrote BENCHMARKS.md")
         return 0
+    if args.streams:
+        return streams_only(args)
     started = time.time()
     log("machine and versions")
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "settings": {"repeats": args.repeats, "duration_s": args.duration,
-                     "latency_duration_s": args.latency_duration, "reloads": args.reloads},
+                     "latency_duration_s": args.latency_duration, "reloads": args.reloads,
+                     "streams_rounds": args.streams_rounds,
+                     "streams_window_s": args.streams_window},
         "machine": machine(),
         "versions": versions(),
     }  # fmt: skip
@@ -274,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         mem["after_load"] = memory(systems)
         results["sse"] = sse_phase(systems, args.repeats)
         mem["streams_1000"] = streams_phase(systems)
+        results["long_streams"] = long_streams(args)
         mem["bulk_1gib"] = bulk_phase(systems)
         time.sleep(1.0)
         mem["after_all"] = memory(systems)

@@ -2,6 +2,7 @@
 
 - `canned`: nginx returning a canned OpenAI chat completion (the fast upstream);
 - `sse`: bench.sse_upstream (timed SSE events, bulk upload/download);
+- `ticks`: bench.tick_upstream (thousands of slow SSE streams, every event time-stamped);
 - `nginx`: nginx `proxy_pass` with an upstream keep-alive pool, 2 workers;
 - `passthrough`: bench.passthrough under uvicorn --workers 2 (uvloop, httptools);
 - `fluxgate` (FLUXGATE_LOG=ERROR) and `fluxgate-trace` (TRACE, stderr to /dev/null), 2 workers.
@@ -16,6 +17,7 @@ import atexit
 import http.client
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -87,6 +89,26 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size: pages shared after fork count once over the processes."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def fd_count(pid: int) -> int | None:
+    """Open descriptors of `pid` (None where /proc does not let us look)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -109,12 +131,17 @@ class System:
     config_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
     key: str = CLIENT_KEY  # the client key the load generators send
+    ticks_port: int = 0  # where the tick upstream's paths are reached (bench.streams)
+    ticks_prefix: str = ""
 
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid)
 
     def rss_mib(self) -> float:
         return sum(rss_kib(p) for p in self.pids()) / 1024
+
+    def pss_kib(self) -> int:
+        return sum(pss_kib(p) for p in self.pids())
 
     def worker_rss_mib(self) -> list[float]:
         return [rss_kib(p) / 1024 for p in self.pids()[1:]]
@@ -123,7 +150,9 @@ class System:
         return sum(cpu_seconds(p) for p in self.pids())
 
 
-def _nginx_conf(tmp: Path, name: str, workers: int, http_block: str) -> Path:
+def _nginx_conf(
+    tmp: Path, name: str, workers: int, http_block: str, connections: int = 8192
+) -> Path:
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / f"{name}-{sub}").mkdir(exist_ok=True)
     conf = tmp / f"{name}.conf"
@@ -131,13 +160,32 @@ def _nginx_conf(tmp: Path, name: str, workers: int, http_block: str) -> Path:
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"worker_processes {workers};\npid {tmp}/{name}.pid;\n"
         f"error_log {tmp}/{name}-error.log warn;\n"
-        "events { worker_connections 8192; }\n"
+        + (f"worker_rlimit_nofile {_nofile(connections)};\n" if connections > 8192 else "")
+        + f"events {{ worker_connections {connections}; }}\n"
         "http {\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 75s;\n"
         f"  client_body_temp_path {tmp}/{name}-body;\n  proxy_temp_path {tmp}/{name}-proxy;\n"
         f"  fastcgi_temp_path {tmp}/{name}-fastcgi;\n  uwsgi_temp_path {tmp}/{name}-uwsgi;\n"
         f"  scgi_temp_path {tmp}/{name}-scgi;\n{http_block}}}\n"
     )
     return conf
+
+
+# The long-streams scenario's 10,000 streams are 20,000 connections in nginx (the
+# client's and the upstream's), and nothing makes its 2 workers share them
+# evenly: room for all of them in either worker. Only in the Stack that
+# bench.streams starts: each worker allocates its connection table up front
+# (about 5 MB more RSS than 8192), which the idle memory of the main run would show.
+STREAMS_NGINX_CONNECTIONS = 20480
+
+
+def _nofile(connections: int) -> int:
+    """A worker's descriptor limit for `connections`, within the hard limit unless
+    nginx runs as root (which may raise it; anyone else would only get an alert)."""
+    want = connections + 64  # listeners, logs, the channel to the master
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if os.geteuid() == 0 or hard == resource.RLIM_INFINITY:
+        return want
+    return min(want, hard)
 
 
 def canned_conf(tmp: Path, port: int) -> Path:
@@ -151,7 +199,9 @@ def canned_conf(tmp: Path, port: int) -> Path:
     )
 
 
-def proxy_conf(tmp: Path, port: int, canned: int, sse: int) -> Path:
+def proxy_conf(
+    tmp: Path, port: int, canned: int, sse: int, ticks: int, connections: int = 8192
+) -> Path:
     common = (
         'proxy_http_version 1.1; proxy_set_header Connection ""; '
         f'proxy_set_header Authorization "Bearer {UPSTREAM_KEY}";'
@@ -163,12 +213,18 @@ def proxy_conf(tmp: Path, port: int, canned: int, sse: int) -> Path:
         f"  upstream canned {{ server 127.0.0.1:{canned}; keepalive 128; "
         "keepalive_requests 10000000; }\n"
         f"  upstream sse {{ server 127.0.0.1:{sse}; keepalive 128; }}\n"
+        f"  upstream ticks {{ server 127.0.0.1:{ticks}; keepalive 128; }}\n"
         f"  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n"
         "    client_max_body_size 0;\n"
         f"    location /openai/ {{ proxy_pass http://canned/; {common} }}\n"
         f"    location /sse/ {{ proxy_pass http://sse/; {common} proxy_buffering off; "
         "proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_request_buffering off; "
+        "proxy_read_timeout 600s; }\n"
+        # SSE as a deployment would proxy it, buffering off; nginx's default one-page
+        # buffer, since /sse's 64k would be 640 MB held by 10,000 open streams.
+        f"    location /ticks/ {{ proxy_pass http://ticks/; {common} proxy_buffering off; "
         "proxy_read_timeout 600s; }\n  }\n",
+        connections,
     )
 
 
@@ -178,13 +234,15 @@ def fluxgate_doc(
     sse: int,
     extra_keys: list[str],
     *,
+    ticks: int | None = None,
     metrics: bool = True,
     usage: str = "openai",
     redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Every feature on by default: Prometheus metrics and token usage of the
     canned completion (bench.observability compares them with off); LIMITS_KEY
-    is counted under a policy, locally or in Redis at `redis_url`."""
+    is counted under a policy, locally or in Redis at `redis_url`; the tick
+    upstream at port `ticks` (bench.streams) under /ticks."""
     keys: list[dict[str, Any]] = [
         {"id": "bench", "key": CLIENT_KEY},
         {"id": "limited", "key": LIMITS_KEY, "limits": "bench"},
@@ -194,7 +252,8 @@ def fluxgate_doc(
         "version": 1,
         "server": {
             "bind_address": f"127.0.0.1:{port}",
-            "max_connections": 2000,
+            # 10,000 open streams in the long-streams scenario, and room to spare.
+            "max_connections": 20000,
             "workers": 2,
             "metrics": metrics,
         },
@@ -220,6 +279,18 @@ def fluxgate_doc(
                 "api_keys": [{"id": f"k{i}", "key": f"{UPSTREAM_KEY}-{i}"} for i in range(3)],
                 "usage": usage,
             },
+            **(
+                {
+                    "ticks": {
+                        "request_path": "/ticks",
+                        "target_url": f"http://127.0.0.1:{ticks}",
+                        "api_key": UPSTREAM_KEY,
+                        "usage": usage,
+                    }
+                }
+                if ticks
+                else {}
+            ),
         },
         "api_keys": {"static": keys},
         "limits": {"policies": {"bench": BENCH_POLICY}}
@@ -230,7 +301,10 @@ def fluxgate_doc(
 def write_fluxgate_config(system: System, extra_keys: list[str]) -> None:
     """Replace the config file atomically (write a sibling, rename), as deploy tools do."""
     assert system.config_path is not None
-    doc = fluxgate_doc(system.port, system.ports["canned"], system.ports["sse"], extra_keys)
+    ports = system.ports
+    doc = fluxgate_doc(
+        system.port, ports["canned"], ports["sse"], extra_keys, ticks=ports.get("ticks")
+    )
     tmp = system.config_path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, system.config_path)
@@ -302,10 +376,12 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 class Stack:
     """Every server of the benchmark, started together and always stopped."""
 
-    def __init__(self) -> None:
+    def __init__(self, nginx_connections: int = 8192) -> None:
+        self.nginx_connections = nginx_connections  # the nginx proxy's worker_connections
         self.tmp = Path(tempfile.mkdtemp(prefix="fluxgate-bench-"))
         self.procs: list[tuple[subprocess.Popen[bytes], int]] = []
         self.systems: dict[str, System] = {}
+        self.ticks: System | None = None  # set by start()
         self._files: list[TextIO] = []
         self.keep = False
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -326,23 +402,28 @@ class Stack:
         return f
 
     def start(self) -> dict[str, System]:
-        names = ("canned", "sse", "nginx", "passthrough", "fg", "fgt", "fgr", "redis")
+        names = ("canned", "sse", "ticks", "nginx", "passthrough", "fg", "fgt", "fgr", "redis")
         ports = {n: free_port() for n in names}
-        c, s = ports["canned"], ports["sse"]
+        c, s, t = ports["canned"], ports["sse"], ports["ticks"]
         nginx_args = [self.nginx, "-e", str(self.tmp / "nginx-startup.log"), "-g", "daemon off;"]
         canned = self._spawn([*nginx_args, "-c", str(canned_conf(self.tmp, c))],
                              self._log("canned"), stop_signal=signal.SIGQUIT)  # fmt: skip
         sse_args = [sys.executable, "-m", "bench.sse_upstream", "--port", str(s)]
         sse = self._spawn(sse_args, self._log("sse"), env={**os.environ, "PYTHONPATH": str(ROOT)})
+        ticks_args = [sys.executable, "-m", "bench.tick_upstream", "--port", str(t)]
+        ticks = self._spawn(ticks_args, self._log("ticks"),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        proxy = proxy_conf(self.tmp, ports["nginx"], c, s, t, self.nginx_connections)
         nginx = self._spawn(
-            [*nginx_args, "-c", str(proxy_conf(self.tmp, ports["nginx"], c, s))],
+            [*nginx_args, "-c", str(proxy)],
             self._log("nginx"),
             stop_signal=signal.SIGQUIT,
         )
         pt_env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "PASSTHROUGH_ROUTES": f"/openai=http://127.0.0.1:{c},/sse=http://127.0.0.1:{s}",
+            "PASSTHROUGH_ROUTES": f"/openai=http://127.0.0.1:{c},/sse=http://127.0.0.1:{s},"
+            f"/ticks=http://127.0.0.1:{t}",
             "PASSTHROUGH_KEY": UPSTREAM_KEY,
         }
         passthrough = self._spawn(
@@ -354,13 +435,18 @@ class Stack:
         )  # fmt: skip
         _wait(canned, c, JSON_PATH)
         _wait(sse, s, "/stream?events=1")
-        self.systems["direct"] = System("direct", c, JSON_PATH, s, "", canned)
+        _wait(ticks, t, "/ticks?events=1")
+        # Not a system of its own: the upstream whose CPU and sockets bench.streams watches.
+        self.ticks = System("ticks", t, "/ticks?events=1", t, "", ticks, ticks_port=t)
+        self.systems["direct"] = System("direct", c, JSON_PATH, s, "", canned, ticks_port=t)
         proxied = "/openai" + JSON_PATH
         self.systems["nginx"] = System("nginx", ports["nginx"], proxied, ports["nginx"], "/sse",
-                                       nginx)  # fmt: skip
+                                       nginx, ticks_port=ports["nginx"],
+                                       ticks_prefix="/ticks")  # fmt: skip
         self.systems["passthrough"] = System(
-            "passthrough", ports["passthrough"], proxied, ports["passthrough"], "/sse", passthrough
-        )
+            "passthrough", ports["passthrough"], proxied, ports["passthrough"], "/sse", passthrough,
+            ticks_port=ports["passthrough"], ticks_prefix="/ticks",
+        )  # fmt: skip
         redis = self._spawn(
             [shutil.which("redis-server") or "/usr/bin/redis-server", "--port",
              str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -375,7 +461,7 @@ class Stack:
         ):
             config = self.tmp / f"{name}.yaml"
             url = redis_url if name == "fluxgate-redis" else None
-            doc = fluxgate_doc(ports[key], c, s, [], redis_url=url)
+            doc = fluxgate_doc(ports[key], c, s, [], ticks=t, redis_url=url)
             config.write_text(yaml.safe_dump(doc, sort_keys=False))
             env = {**os.environ, "FLUXGATE_LOG": level, "FLUXGATE_LOG_STYLE": "never"}
             env.pop("RUNTIME_DIRECTORY", None)
@@ -385,7 +471,7 @@ class Stack:
                                err, env=env)  # fmt: skip
             self.systems[name] = System(
                 name, ports[key], proxied, ports[key], "/sse", proc, config,
-                {"canned": c, "sse": s},
+                {"canned": c, "sse": s, "ticks": t}, ticks_port=ports[key], ticks_prefix="/ticks",
             )  # fmt: skip
         # Limits counted in Redis: that instance, with the key under a policy.
         self.systems["fluxgate-redis"].key = LIMITS_KEY
@@ -394,11 +480,11 @@ class Stack:
         fg = self.systems["fluxgate"]
         self.systems["fluxgate-limits"] = System(
             "fluxgate-limits", fg.port, fg.json_path, fg.sse_port, "/sse", fg.proc,
-            fg.config_path, fg.ports, LIMITS_KEY,
+            fg.config_path, fg.ports, LIMITS_KEY, fg.ticks_port, fg.ticks_prefix,
         )  # fmt: skip
         self.systems["fluxgate-pool"] = System(
             "fluxgate-pool", fg.port, fg.json_path.replace("/openai/", "/pooled/", 1), fg.sse_port,
-            "/sse", fg.proc, fg.config_path, fg.ports,
+            "/sse", fg.proc, fg.config_path, fg.ports, CLIENT_KEY, fg.ticks_port, fg.ticks_prefix,
         )  # fmt: skip
         for system in self.systems.values():
             _wait(system.proc, system.port, system.json_path)
