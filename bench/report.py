@@ -20,6 +20,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MARKDOWN = HERE.parent / "BENCHMARKS.md"
 CHART = HERE / "latency.png"
+DESIGN = HERE / "design.md"  # the figures behind design choices, kept by hand
 STREAMS_CHART = HERE / "streams.png"
 STREAMS_LATEST = HERE / "results" / "streams-latest.json"
 STREAMS_BEGIN, STREAMS_END = "<!-- long-streams -->", "<!-- /long-streams -->"
@@ -376,6 +377,7 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         "  until both answer 200 (no pause between reloads under load). 10",
         f"  reloads idle, then {s['reloads']} back to back while wrk keeps 64 connections busy.",
         "",
+        *design_section(),
     ])  # fmt: skip
 
 
@@ -765,6 +767,12 @@ def write_streams(blob: dict[str, Any]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     MARKDOWN.write_text(text)
+
+
+def design_section() -> list[str]:
+    """The figures behind design choices (bench/design.md, kept by hand): code
+    comments point at this section, so every generated page carries it."""
+    return [DESIGN.read_text().rstrip("\n"), ""]
 
 
 def observability_section() -> list[str]:

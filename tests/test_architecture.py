@@ -4,6 +4,7 @@ worker side (`fluxgate/`) never imports the master side (`supervisor/`)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,4 +78,33 @@ def test_every_module_is_named_in_the_architecture_page() -> None:
         for path in folder.glob("*.py")
         if path.stem != "__init__" and f"{folder.name}/{path.name}" not in page
     ]
+    assert missing == []
+
+
+DOCUMENTS = {"README": "README.md", "BENCHMARKS.md": "BENCHMARKS.md"} | {
+    f"docs/{p.name}": f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")
+}
+REFERENCE = re.compile(r'(README|BENCHMARKS\.md|docs/[a-z]+\.md),? "([^"]{3,80})"')
+
+
+def test_every_section_the_code_and_docs_point_at_exists() -> None:
+    """A comment saying (BENCHMARKS.md, "X") is only as good as the heading X: a
+    regenerated BENCHMARKS.md once dropped the one the code pointed at."""
+    headings = {
+        name: {
+            line.lstrip("#").strip()
+            for line in (ROOT / path).read_text().splitlines()
+            if line.startswith("#")
+        }
+        for name, path in DOCUMENTS.items()
+    }
+    sources = [*ROOT.glob("fluxgate/*.py"), *ROOT.glob("supervisor/*.py"), *ROOT.glob("bench/*.py")]
+    sources += [ROOT / path for path in DOCUMENTS.values()]
+    missing = []
+    for source in sources:
+        # Comments wrap: join lines and drop comment markers first.
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", source.read_text())
+        for document, heading in REFERENCE.findall(text):
+            if heading not in headings[document]:
+                missing.append(f"{source.relative_to(ROOT)}: {document}, {heading!r}")
     assert missing == []
