@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .auth import AuthError, authenticate
@@ -37,7 +38,14 @@ from .exchange import EXCHANGE_SCOPE_KEY, Exchange, Scope
 from .forward import Forwarder
 from .logs import TRACE, RequestLog, request_fields, request_log, request_text, request_values
 from .metrics import WorkerMetrics
-from .ratelimit import BackendHealth, LimitBackendError, Limiter, LimitSettings
+from .ratelimit import (
+    BackendHealth,
+    LimitBackendError,
+    Limiter,
+    LimitSettings,
+    Tokens,
+    tokens_used,
+)
 from .routing import has_dot_segment, match
 from .upstream import UpstreamClient
 
@@ -52,6 +60,7 @@ class ProxyApp:
         # Per-key limits: the worker says how to make a backend's limiter.
         self.make_limiter = make_limiter
         self.limiters: dict[LimitSettings, Limiter] = {}
+        self.last_limiter: tuple[LimitSettings, Limiter] | None = None  # no hashing per request
         self.health = BackendHealth()
         self.metrics = WorkerMetrics()
         self.endpoints = OwnEndpoints(self.metrics)
@@ -103,7 +112,7 @@ class ProxyApp:
             await self.refuse(err.response, send, ex)
         finally:
             if ex.limited is not None:
-                await self.end_policy(config, ex)
+                self.end_policy(config, ex)
             self.record(config, scope, ex, time.monotonic() - started)
 
     def authenticate(self, config: Config, scope: Scope, ex: Exchange) -> Principal:
@@ -136,7 +145,8 @@ class ProxyApp:
             if config.limits.on_backend_error == "deny":
                 raise ProxyError(LIMIT_BACKEND_DOWN) from None
             return
-        self.health.answered(config.limits.backend)
+        if self.health.down:
+            self.health.answered(config.limits.backend)
         if refusal is not None:
             ex.limit = refusal.limit
             response = rate_limited(
@@ -145,33 +155,38 @@ class ProxyApp:
             raise ProxyError(response)
         ex.limited = (limiter, principal.bucket, policy)
 
-    async def end_policy(self, config: Config, ex: Exchange) -> None:
-        """Give the request's concurrency place back and charge the tokens it used."""
+    def end_policy(self, config: Config, ex: Exchange) -> None:
+        """Give the request's concurrency place back and charge the tokens it used
+        (in the background: the request has nothing left to wait for)."""
         assert ex.limited is not None
         limiter, bucket, policy = ex.limited
         ex.limited = None
-        tokens = 0
-        # Parsing the usage costs time on every request: only for a policy that counts tokens.
+        tokens: Tokens = 0
+        # Parsing the usage takes time: only for a policy that counts tokens, and
+        # when the limiter charges them (with other requests'), not here.
         if ex.usage is not None and (policy.tokens_per_minute or policy.tokens_per_day):
-            usage = ex.usage.result()
-            tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0) if usage else 0
-        try:
-            await limiter.finish(bucket, policy, tokens)
-        except LimitBackendError as exc:
-            self.backend_failed(config.limits, exc)
+            tokens = partial(tokens_used, ex.usage)
+        limiter.finish_soon(bucket, policy, tokens, self.finish_failed)
 
     def limiter(self, settings: LimitSettings) -> Limiter:
         """This worker's limiter for the configured backend (a reload may change it)."""
+        last = self.last_limiter
+        if last is not None and last[0] is settings:
+            return last[1]
         limiter = self.limiters.get(settings)
         if limiter is None:
             if self.make_limiter is None:
                 raise LimitBackendError("no limit backend in this process")
             limiter = self.limiters[settings] = self.make_limiter(settings)
+        self.last_limiter = (settings, limiter)
         return limiter
 
     def backend_failed(self, settings: LimitSettings, exc: BaseException) -> None:
         self.health.failed(settings.backend, exc, settings.on_backend_error)
         self.metrics.limit_backend_error()
+
+    def finish_failed(self, exc: BaseException) -> None:
+        self.backend_failed(self.config.limits, exc)
 
     async def refuse(self, response: ErrorResponse, send: Any, ex: Exchange) -> None:
         ex.status, ex.outcome = response.status, response.outcome

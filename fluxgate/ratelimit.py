@@ -22,11 +22,16 @@ configured `on_backend_error` decides (`BackendHealth`).
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .logs import log_fields
+
+if TYPE_CHECKING:
+    from .usage import Tap
 
 log = logging.getLogger("fluxgate.limits")
 
@@ -75,6 +80,16 @@ class Refusal:
     reset: float  # seconds until the window starts anew (the day: until UTC midnight)
 
 
+# A request's tokens, or a function that counts them (`finish_soon`).
+Tokens: TypeAlias = "int | Callable[[], int]"
+
+
+def tokens_used(usage: Tap) -> int:
+    """What a request charges: input + output tokens, as the provider reported them."""
+    found = usage.result()
+    return (found.input_tokens or 0) + (found.output_tokens or 0) if found else 0
+
+
 class LimitBackendError(Exception):
     """The backend could not answer (Redis unreachable, a timeout)."""
 
@@ -101,8 +116,39 @@ class Limiter(abc.ABC):
         `tokens` to the bucket's minute window and UTC day. Raises
         `LimitBackendError` when it cannot."""
 
+    def finish_soon(
+        self,
+        bucket: str,
+        policy: Policy,
+        tokens: Tokens,
+        on_error: Callable[[LimitBackendError], None],
+    ) -> None:
+        """`finish` for a request that has nothing left to wait for: done in the
+        background (a backend sends it with other calls), `on_error` hearing of
+        its `LimitBackendError`. `tokens` may be a function that counts them (it
+        parses the usage): called once, later, off the request's path. Call it
+        inside the event loop. Here, `finish` in a task; the backends do better."""
+        task = asyncio.get_running_loop().create_task(self._finish_later(bucket, policy, tokens))
+        _background.add(task)
+        task.add_done_callback(lambda done: _finished(done, on_error))
+
+    async def _finish_later(self, bucket: str, policy: Policy, tokens: Tokens) -> None:
+        await self.finish(bucket, policy, tokens if isinstance(tokens, int) else tokens())
+
     async def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing
         """Release connections (a network backend); the local one has none."""
+
+
+_background: set[asyncio.Task[None]] = set()  # finish_soon's tasks, kept until done
+
+
+def _finished(task: asyncio.Task[None], on_error: Callable[[LimitBackendError], None]) -> None:
+    _background.discard(task)
+    error = None if task.cancelled() else task.exception()
+    if isinstance(error, LimitBackendError):
+        on_error(error)
+    elif error is not None:
+        raise error  # a bug, not an outage: the loop's exception handler logs it
 
 
 class BackendHealth:

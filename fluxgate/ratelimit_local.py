@@ -17,13 +17,20 @@ slots in use. A worker that dies takes its count with it: the master zeroes
 its slot when it is reaped (`release_slot`) and again before the slot is
 reused (`reset_slot`).
 
-Every update of the table happens under one POSIX record lock
-(`fcntl.lockf`) on the file holding the shared memory. Unlike a
-multiprocessing lock, the kernel releases it when its holder dies, so a
-worker killed mid-update cannot stall the others; at worst that one
-bucket's counters are left half updated. POSIX locks belong to a process,
-not a thread: one process must not use the table from two threads at once
-(workers are single-threaded event loops, and `admit` never awaits).
+Every update of the table happens under one lock (fluxgate.ratelimit_local_lock),
+which the kernel releases when its holder dies: a worker killed mid-update
+cannot stall the others, and at worst that one bucket's counters are left
+half updated. It is a robust pthread mutex in the table's own memory, taken
+without a system call while nobody waits for it (else a POSIX record lock
+on the file holding the memory). One process must not use the table from
+two threads at once (workers are single-threaded event loops, and `admit`
+never awaits).
+
+A finished request gives its concurrency place back at once, without the
+lock. Its tokens are charged later, with those of the other requests the
+worker finished meanwhile, under one lock: at its next admission (tokens
+`finish_now` was given) or within `TOKEN_DELAY` (tokens `finish_soon` was
+given a way to count: the usage is parsed then, off the request's path).
 
 The day's tokens survive a restart: the master loads them from a JSON file
 in the state directory at start (`BudgetStore`), and saves them when they
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -54,10 +60,13 @@ from .ratelimit import (
     REQUESTS,
     TOKENS,
     WINDOW_SECONDS,
+    LimitBackendError,
     Limiter,
     Policy,
     Refusal,
+    Tokens,
 )
+from .ratelimit_local_lock import MUTEX_SIZE, TableLock
 
 log = logging.getLogger("fluxgate.limits")
 
@@ -74,9 +83,10 @@ STATE_VERSION: Final = 1
 # One entry: eight 8-byte fields (one cache line).
 _STRIDE: Final = 8
 _USED, _KEY_HI, _KEY_LO, _START, _REQUESTS, _TOKENS, _DAY, _DAY_TOKENS = range(_STRIDE)
-# The header, in 8-byte fields before the entries.
-_HEADER: Final = 8
+# The header, in 8-byte fields before the entries: four counters, then the lock's mutex.
 _H_USED, _H_SLOTS, _H_CHANGES, _H_FULL_WARNED = 0, 1, 2, 3
+_MUTEX_OFFSET: Final = 64
+_HEADER: Final = (_MUTEX_OFFSET + MUTEX_SIZE) // 8
 _EMPTY: Final = -1  # a bucket with no room in the table (cached per worker)
 
 
@@ -95,9 +105,12 @@ def utc_day(wall: float) -> int:
 
 
 class LocalTable:
-    """Shared memory for the counts: created by the master, inherited by forks."""
+    """Shared memory for the counts: created by the master, inherited by forks.
+    `robust=False`, for tests: the file lock even where there is a robust mutex."""
 
-    def __init__(self, capacity: int = CAPACITY, slots: int = MAX_SLOTS) -> None:
+    def __init__(
+        self, capacity: int = CAPACITY, slots: int = MAX_SLOTS, robust: bool = True
+    ) -> None:
         self.capacity = capacity
         self.slots = slots
         entries = (_HEADER + capacity * _STRIDE) * 8
@@ -118,14 +131,11 @@ class LocalTable:
         self.concurrent: Any = view[entries:].cast("i")
         self.fields[_H_SLOTS] = 1
         self.saved_changes = 0  # `changes` when last saved or loaded (the master's)
-
-    # The lock
-
-    def lock(self) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-
-    def unlock(self) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        # Every update under it; `take`, `taken` and `give` are its hot path's.
+        lock = TableLock(self.memory, _MUTEX_OFFSET, self.fd, robust)
+        self.robust_lock = lock.robust  # False: the file lock
+        self.take, self.taken, self.give = lock.take, lock.taken, lock.give
+        self.lock, self.unlock = lock.lock, lock.unlock
 
     # Entries
 
@@ -280,6 +290,7 @@ class LocalLimiter(Limiter):
         self.wall_clock = wall_clock
         self._indices: dict[str, int] = {}  # bucket -> entry index, or _EMPTY (no room)
         self._pending: dict[int, int] = {}  # entry index -> tokens not charged yet
+        self._uncounted: list[tuple[int, Callable[[], int]]] = []  # not even counted yet
         self._timer: asyncio.TimerHandle | None = None
         self._slot_base = slot * table.capacity
 
@@ -307,26 +318,55 @@ class LocalLimiter(Limiter):
     async def finish(self, bucket: str, policy: Policy, tokens: int) -> None:
         self.finish_now(bucket, tokens)
 
+    def finish_soon(
+        self,
+        bucket: str,
+        policy: Policy,
+        tokens: Tokens,
+        on_error: Callable[[LimitBackendError], None],
+    ) -> None:
+        """`finish`: it never fails. The place comes back at once; tokens to be
+        counted are counted and charged within `TOKEN_DELAY`, with the others."""
+        if tokens.__class__ is int:
+            self.finish_now(bucket, tokens)
+            return
+        index = self._indices.get(bucket, _EMPTY)
+        if index == _EMPTY:
+            return
+        place = self._slot_base + index
+        concurrent = self.table.concurrent
+        if concurrent[place] > 0:
+            concurrent[place] -= 1
+        self._uncounted.append((index, tokens))  # type: ignore[arg-type]
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(TOKEN_DELAY, self.flush_tokens)
+
     async def close(self) -> None:
         """At the worker's shutdown: the tokens still waiting are charged."""
         self.flush_tokens()
 
     def admit_now(self, bucket: str, policy: Policy) -> Refusal | None:
         """`admit`, without a coroutine."""
+        index = self._indices.get(bucket)
         table = self.table
         now = self.clock()
-        table.lock()
+        if taken := table.take():
+            table.taken(taken)
         try:
             if self._pending:
                 self._charge_pending()
-            index = self._index(bucket)
+            if index is None:
+                index = self._index(bucket)
             if index == _EMPTY:
                 return None
             fields = table.fields
             base = _HEADER + index * _STRIDE
             limit = policy.concurrent_requests
-            if limit is not None and table.in_flight(index) >= limit:
-                return Refusal(CONCURRENT, limit, 0, CONCURRENT_RETRY)
+            if limit is not None:
+                capacity = table.capacity
+                end = index + capacity * fields[_H_SLOTS]
+                if sum(table.concurrent[index:end:capacity]) >= limit:
+                    return Refusal(CONCURRENT, limit, 0, CONCURRENT_RETRY)
             requests = fields[base + _REQUESTS]
             tokens = fields[base + _TOKENS]
             ends = table.floats[base + _START] + WINDOW_SECONDS
@@ -341,20 +381,20 @@ class LocalLimiter(Limiter):
             if limit is not None and tokens >= limit:
                 return Refusal(TOKENS, limit, 0, ends - now)
             limit = policy.tokens_per_day
-            if limit is not None:
+            if limit is not None and fields[base + _DAY_TOKENS] >= limit:
                 wall = self.wall_clock()
-                if fields[base + _DAY] == utc_day(wall) and fields[base + _DAY_TOKENS] >= limit:
+                if fields[base + _DAY] == wall // DAY_SECONDS:
                     return Refusal(BUDGET, limit, 0, DAY_SECONDS - wall % DAY_SECONDS)
-            if not running:
+            if running:
+                fields[base + _REQUESTS] = requests + 1
+            else:
                 table.floats[base + _START] = now
                 fields[base + _TOKENS] = 0
                 fields[base + _REQUESTS] = 1
-            else:
-                fields[base + _REQUESTS] = requests + 1
             table.concurrent[self._slot_base + index] += 1
             return None
         finally:
-            table.unlock()
+            table.give()
 
     def finish_now(self, bucket: str, tokens: int) -> None:
         """`finish`, without a coroutine.
@@ -370,9 +410,7 @@ class LocalLimiter(Limiter):
         index = self._indices.get(bucket, _EMPTY)
         if index == _EMPTY:
             return
-        place = self._slot_base + index
-        if self.table.concurrent[place] > 0:
-            self.table.concurrent[place] -= 1
+        self._give_back(index)
         if tokens > 0:
             self._pending[index] = self._pending.get(index, 0) + tokens
             if self._timer is None:
@@ -383,12 +421,24 @@ class LocalLimiter(Limiter):
                 else:
                     self._timer = loop.call_later(TOKEN_DELAY, self.flush_tokens)
 
+    def _give_back(self, index: int) -> None:
+        place = self._slot_base + index
+        concurrent = self.table.concurrent
+        if concurrent[place] > 0:
+            concurrent[place] -= 1
+
     def flush_tokens(self) -> None:
-        """Charge the tokens of finished requests now (see `finish_now`)."""
+        """Count and charge the tokens of finished requests now (see `finish_now`)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._pending:
+        uncounted, self._uncounted = self._uncounted, []
+        pending = self._pending
+        for index, count in uncounted:  # outside the lock: parsing takes a while
+            tokens = count()
+            if tokens > 0:
+                pending[index] = pending.get(index, 0) + tokens
+        if not pending:
             return
         self.table.lock()
         try:

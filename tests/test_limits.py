@@ -312,3 +312,37 @@ def test_redis_down_allows_with_one_warning_and_recovers_without_a_restart(
     sup.wait_for_log(r"limit backend answering again", start=mark)
     samples = wait_for(sup.url, "fluxgate_limit_backend_errors_total", 4)
     assert value(samples, "fluxgate_limit_backend_errors_total") >= 4
+
+
+def test_redis_down_under_concurrent_requests_answers_each_as_on_backend_error_says(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor],
+    redis_server: RedisServer, redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Calls of many requests in flight go to Redis together (one batch): each request gets
+    the answer `on_backend_error` gives, and each worker warns once."""
+    doc = redis_config(upstream, redis_url, "deny", requests_per_minute=10**6)
+    sup = start(make_supervisor, doc, tmp_path)
+    headers = [rawhttp.host(sup.port), rawhttp.bearer(CLIENT_KEY)]
+
+    def statuses(count: int) -> Counter[int]:
+        with ThreadPoolExecutor(16) as pool:
+            return Counter(pool.map(
+                lambda _: rawhttp.request(sup.port, "GET", "/openai/v1/models", headers).status,
+                range(count),
+            ))  # fmt: skip
+
+    assert statuses(8) == {200: 8}
+    redis_server.stop()
+    try:
+        mark = sup.mark()
+        assert statuses(48) == {503: 48}
+        doc["limits"]["on_backend_error"] = "allow"
+        sup.write_config(doc)
+        sup.wait_for_generation(2)
+        assert statuses(48) == {200: 48}
+        sup.wait_for_log(r"request .*status=200", start=mark)
+        warnings = [x for x in sup.lines[mark:] if "limit backend unreachable" in x]
+        assert 1 <= len(warnings) <= 2  # one per worker
+    finally:
+        redis_server.start()
+    assert statuses(8) == {200: 8}

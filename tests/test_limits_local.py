@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import platform
 import signal
 import stat
 import time
@@ -47,10 +48,11 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def table() -> Iterator[LocalTable]:
-    # Small: every test makes its own, and a forked child inherits it.
-    t = LocalTable(capacity=64, slots=8)
+@pytest.fixture(params=[True, False], ids=["robust-mutex", "file-lock"])
+def table(request: pytest.FixtureRequest) -> Iterator[LocalTable]:
+    """Small (every test makes its own, and a forked child inherits it), under
+    either kind of lock (fluxgate/ratelimit_local_lock.py)."""
+    t = LocalTable(capacity=64, slots=8, robust=request.param)
     for slot in range(3):
         t.reset_slot(slot)
     yield t
@@ -113,8 +115,9 @@ def in_children(count: int, work: Callable[[int], int]) -> list[int]:
 # Exact across processes
 
 
-def test_two_processes_admit_exactly_the_requests_per_minute() -> None:
-    table = LocalTable(capacity=1024, slots=4)
+@pytest.mark.parametrize("robust", [True, False], ids=["robust-mutex", "file-lock"])
+def test_two_processes_admit_exactly_the_requests_per_minute(robust: bool) -> None:
+    table = LocalTable(capacity=1024, slots=4, robust=robust)
     for slot in range(3):
         table.reset_slot(slot)
     policy = Policy("p", requests_per_minute=100)
@@ -213,7 +216,17 @@ def test_a_worker_killed_holding_the_lock_does_not_stall_the_others(table: Local
     os.waitpid(pid, 0)
     os.close(r)
     os.close(w)
-    assert limiter(table).admit_now("k", Policy("p", requests_per_minute=1)) is None
+    lim = limiter(table)
+    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is None
+    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is not None  # and again
+
+
+def test_the_lock_is_a_robust_mutex_where_the_c_library_has_one() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the robust mutex is looked for in glibc")
+    table = LocalTable(capacity=8, slots=2)
+    assert table.robust_lock
+    os.close(table.fd)
 
 
 # Windows

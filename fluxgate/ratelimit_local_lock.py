@@ -1,0 +1,104 @@
+"""The lock of the local limits table (fluxgate.ratelimit_local), shared by the
+workers of one machine.
+
+Either kind is released by the kernel when its holder dies, so a worker
+killed while it holds the lock cannot stall the others:
+
+- a robust, process-shared pthread mutex (the C library's, through ctypes)
+  in the table's own shared memory: taken and given back without a system
+  call while nobody waits for it, which is every admission's case but a
+  few; a waiter sleeps in the kernel (a futex), and the next to take it
+  after its holder died is told so (EOWNERDEAD) and makes it usable again;
+- where the C library has no robust mutex, a POSIX record lock
+  (`fcntl.lockf`) on the file holding the memory: two system calls a round.
+
+Both belong to a process (the robust mutex, to its thread): one process
+must not use the table from two threads at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import mmap
+import os
+from collections.abc import Callable
+
+MUTEX_SIZE = 128  # bytes kept for a pthread_mutex_t (40 or 48 in glibc)
+
+
+class TableLock:
+    """Made by the master before it forks, in `memory` at `offset` (`MUTEX_SIZE`
+    bytes) or on the file `fd`; `robust=False` (for tests) takes the file lock
+    where there is a robust mutex too.
+
+    `lock()` and `unlock()`; on the hot path, `take()`, then `taken(result)`
+    when it returned neither 0 nor None, and `give()`: calls straight into the
+    C library, no Python frame."""
+
+    def __init__(self, memory: mmap.mmap, offset: int, fd: int, robust: bool = True) -> None:
+        self.take: Callable[[], int | None]
+        self.give: Callable[[], int | None]
+        self.robust = False
+        if robust:
+            try:
+                self._mutex(memory, offset)
+                self.robust = True
+            except OSError:
+                pass
+        if not self.robust:
+            self.take = functools.partial(fcntl.lockf, fd, fcntl.LOCK_EX)
+            self.give = functools.partial(fcntl.lockf, fd, fcntl.LOCK_UN)
+
+    def _mutex(self, memory: mmap.mmap, offset: int) -> None:
+        """Set up the robust mutex; OSError where the C library has none."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            attr_init, set_pshared, set_robust, init, lock, unlock, consistent = (
+                getattr(libc, f"pthread_{name}")
+                for name in (
+                    "mutexattr_init",
+                    "mutexattr_setpshared",
+                    "mutexattr_setrobust",
+                    "mutex_init",
+                    "mutex_lock",
+                    "mutex_unlock",
+                    "mutex_consistent",
+                )
+            )
+        except (OSError, AttributeError) as exc:
+            raise OSError(f"no robust pthread mutex: {exc}") from None
+        for function in (lock, unlock, consistent):
+            function.argtypes = [ctypes.c_void_p]
+            function.restype = ctypes.c_int
+        address = ctypes.addressof(ctypes.c_char.from_buffer(memory, offset))
+        attr = ctypes.create_string_buffer(64)  # a pthread_mutexattr_t: 4 bytes in glibc
+        results = (
+            attr_init(attr),
+            set_pshared(attr, 1),  # PTHREAD_PROCESS_SHARED
+            set_robust(attr, 1),  # PTHREAD_MUTEX_ROBUST
+            init(ctypes.c_void_p(address), attr),
+        )
+        if any(results):
+            raise OSError(f"pthread mutex attributes refused: {results}")
+        self.take = functools.partial(lock, address)
+        self.give = functools.partial(unlock, address)
+        self._consistent = functools.partial(consistent, address)
+
+    def taken(self, result: int) -> None:
+        """What `take` returned, when not 0: EOWNERDEAD (its holder died holding
+        it, and it is ours now), or an error."""
+        if result == errno.EOWNERDEAD:
+            result = self._consistent()
+        if result:
+            raise OSError(result, os.strerror(result))
+
+    def lock(self) -> None:
+        result = self.take()
+        if result:
+            self.taken(result)
+
+    def unlock(self) -> None:
+        self.give()
