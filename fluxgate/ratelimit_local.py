@@ -127,7 +127,8 @@ class LocalTable:
         # Integer fields; the window start is a float in the same 8 bytes (`floats`).
         self.fields: Any = view[:entries].cast("q")
         self.floats: Any = view[:entries].cast("d")
-        # In-flight requests: [slot][entry] int32, so a slot is one contiguous run.
+        # In-flight requests: [entry][slot] int32, so that an admission reads one
+        # cache line for them (the slots in use are the first few).
         self.concurrent: Any = view[entries:].cast("i")
         self.fields[_H_SLOTS] = 1
         self.saved_changes = 0  # `changes` when last saved or loaded (the master's)
@@ -183,16 +184,12 @@ class LocalTable:
         self._zero(slot)
 
     def _zero(self, slot: int) -> None:
-        start = slot * self.capacity * 4
-        end = start + self.capacity * 4
-        entries = (_HEADER + self.capacity * _STRIDE) * 8
-        self.memory[entries + start : entries + end] = bytes(end - start)
-
-    def in_flight(self, index: int) -> int:
-        capacity = self.capacity
-        return sum(
-            self.concurrent[index : index + capacity * int(self.fields[_H_SLOTS]) : capacity]
-        )
+        """Only the entries in use: a strided write over all would bring every page
+        of the table into memory."""
+        fields, concurrent, slots = self.fields, self.concurrent, self.slots
+        for index in range(self.capacity):
+            if fields[_HEADER + index * _STRIDE + _USED]:
+                concurrent[index * slots + slot] = 0
 
     # The day budgets, across restarts
 
@@ -292,7 +289,7 @@ class LocalLimiter(Limiter):
         self._pending: dict[int, int] = {}  # entry index -> tokens not charged yet
         self._uncounted: list[tuple[int, Callable[[], int]]] = []  # not even counted yet
         self._timer: asyncio.TimerHandle | None = None
-        self._slot_base = slot * table.capacity
+        self._slot = slot
 
     def _index(self, bucket: str) -> int:
         """Under the lock."""
@@ -333,7 +330,7 @@ class LocalLimiter(Limiter):
         index = self._indices.get(bucket, _EMPTY)
         if index == _EMPTY:
             return
-        place = self._slot_base + index
+        place = index * self.table.slots + self._slot
         concurrent = self.table.concurrent
         if concurrent[place] > 0:
             concurrent[place] -= 1
@@ -363,9 +360,8 @@ class LocalLimiter(Limiter):
             base = _HEADER + index * _STRIDE
             limit = policy.concurrent_requests
             if limit is not None:
-                capacity = table.capacity
-                end = index + capacity * fields[_H_SLOTS]
-                if sum(table.concurrent[index:end:capacity]) >= limit:
+                start = index * table.slots
+                if sum(table.concurrent[start : start + fields[_H_SLOTS]]) >= limit:
                     return Refusal(CONCURRENT, limit, 0, CONCURRENT_RETRY)
             requests = fields[base + _REQUESTS]
             tokens = fields[base + _TOKENS]
@@ -391,7 +387,7 @@ class LocalLimiter(Limiter):
                 table.floats[base + _START] = now
                 fields[base + _TOKENS] = 0
                 fields[base + _REQUESTS] = 1
-            table.concurrent[self._slot_base + index] += 1
+            table.concurrent[index * table.slots + self._slot] += 1
             return None
         finally:
             table.give()
@@ -422,7 +418,7 @@ class LocalLimiter(Limiter):
                     self._timer = loop.call_later(TOKEN_DELAY, self.flush_tokens)
 
     def _give_back(self, index: int) -> None:
-        place = self._slot_base + index
+        place = index * self.table.slots + self._slot
         concurrent = self.table.concurrent
         if concurrent[place] > 0:
             concurrent[place] -= 1
