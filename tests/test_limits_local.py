@@ -10,6 +10,7 @@ lock). Clocks are injected for the minute window and the UTC day.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -23,7 +24,15 @@ from pathlib import Path
 import pytest
 
 from fluxgate import ratelimit_local
-from fluxgate.ratelimit import BUDGET, CONCURRENT, REQUESTS, TOKENS, Policy, Refusal
+from fluxgate.ratelimit import (
+    BUDGET,
+    CONCURRENT,
+    REQUESTS,
+    TOKENS,
+    LimitBackendError,
+    Policy,
+    Refusal,
+)
 from fluxgate.ratelimit_local import (
     DAY_SECONDS,
     STATE_FILE,
@@ -219,6 +228,25 @@ def test_a_worker_killed_holding_the_lock_does_not_stall_the_others(table: Local
     lim = limiter(table)
     assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is None
     assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is not None  # and again
+
+
+def test_a_lock_left_unusable_is_a_backend_error_not_a_stall() -> None:
+    """Its holder died, and the next one gave it back without making it usable
+    again: every admission is then a LimitBackendError (on_backend_error decides)."""
+    table = LocalTable(capacity=8, slots=2)
+    if not table.robust_lock:
+        pytest.skip("only a robust mutex can be left unusable")
+    table.reset_slot(0)
+    pid = os.fork()
+    if pid == 0:
+        table.take()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.take() == errno.EOWNERDEAD
+    table.give()  # without pthread_mutex_consistent
+    with pytest.raises(LimitBackendError):
+        limiter(table).admit_now("k", Policy("p", requests_per_minute=1))
+    os.close(table.fd)
 
 
 def test_the_lock_is_a_robust_mutex_where_the_c_library_has_one() -> None:
