@@ -1,21 +1,19 @@
 """The local limits backend (fluxgate/ratelimit_local.py) keeps the semantics of
 fluxgate/ratelimit.py's `Limiter` across worker processes.
 
-Unit level: a `LocalTable` made here as the master makes it, and forked
-processes standing in for workers where sharing matters (exact counts under
-contention, a dead worker's concurrency places, a worker killed holding the
-lock). Clocks are injected for the minute window and the UTC day.
+Unit level: a `LocalTable` made here as the master makes it, under either kind
+of lock, and forked processes standing in for workers where sharing matters
+(exact counts under contention, a dead worker's concurrency places; a worker
+killed holding the lock: test_limits_local_lock.py). Clocks are injected for
+the minute window and the UTC day.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
-import platform
-import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +27,6 @@ from fluxgate.ratelimit import (
     CONCURRENT,
     REQUESTS,
     TOKENS,
-    LimitBackendError,
     Policy,
     Refusal,
 )
@@ -210,51 +207,6 @@ def test_reset_slot_zeroes_the_places_before_reuse(table: LocalTable) -> None:
     assert limiter(table, 0).admit_now("k", policy) is None  # slots past the highest are unseen
     table.reset_slot(5)  # the master's pre_fork hook
     assert limiter(table, 5).admit_now("k", policy) is not None  # slot 0's place counts
-
-
-def test_a_worker_killed_holding_the_lock_does_not_stall_the_others(table: LocalTable) -> None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        table.lock()
-        os.write(w, b"x")
-        time.sleep(60)
-        os._exit(0)
-    os.read(r, 1)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(r)
-    os.close(w)
-    lim = limiter(table)
-    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is None
-    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is not None  # and again
-
-
-def test_a_lock_left_unusable_is_a_backend_error_not_a_stall() -> None:
-    """Its holder died, and the next one gave it back without making it usable
-    again: every admission is then a LimitBackendError (on_backend_error decides)."""
-    table = LocalTable(capacity=8, slots=2)
-    if not table.robust_lock:
-        pytest.skip("only a robust mutex can be left unusable")
-    table.reset_slot(0)
-    pid = os.fork()
-    if pid == 0:
-        table.take()
-        os._exit(0)
-    os.waitpid(pid, 0)
-    assert table.take() == errno.EOWNERDEAD
-    table.give()  # without pthread_mutex_consistent
-    with pytest.raises(LimitBackendError):
-        limiter(table).admit_now("k", Policy("p", requests_per_minute=1))
-    os.close(table.fd)
-
-
-def test_the_lock_is_a_robust_mutex_where_the_c_library_has_one() -> None:
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the robust mutex is looked for in glibc")
-    table = LocalTable(capacity=8, slots=2)
-    assert table.robust_lock
-    os.close(table.fd)
 
 
 # Windows
