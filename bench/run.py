@@ -8,6 +8,7 @@ latest.json); bench.report turns them into BENCHMARKS.md and bench/latency.png.
     python -m bench.run [--repeats 5] [--duration 5] [--latency-duration 3]
     python -m bench.run --observability   # only the cost of metrics and token usage
     python -m bench.run --streams         # only many long streams (bench.streams)
+    python -m bench.run --limits          # only keys under limits (local, Redis), printed
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from . import clients, observability, report, streams
-from .servers import ROOT, Stack, System, http_get, rss_kib, write_fluxgate_config
+from .servers import ROOT, Stack, System, cpu_seconds, http_get, rss_kib, write_fluxgate_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
@@ -251,6 +253,43 @@ def streams_only(args: argparse.Namespace) -> int:
     return 0
 
 
+LIMITS = ["fluxgate", "fluxgate-limits", "fluxgate-redis"]
+
+
+def limits_phase(repeats: int, duration: float) -> None:
+    """The cost of per-key limits alone, printed (nothing written): the key under a
+    policy against the same key without, at 64 connections, interleaved; CPU per
+    request of the Fluxgate processes (and of the redis-server the limits use)."""
+    stack = Stack()
+    try:
+        systems = stack.start()
+        redis_pid = next(p.pid for p, _ in stack.procs if "redis-server" in str(p.args[0]))
+        for name in LIMITS:
+            clients.wrk(systems[name], 64, 2, systems[name].key)
+        out: dict[str, list[tuple[float, float, float]]] = {n: [] for n in LIMITS}
+        for r in range(repeats):
+            for name in rotated(LIMITS, r):
+                system = systems[name]
+                cpu0, redis0 = system.cpu_seconds(), cpu_seconds(redis_pid)
+                result = clients.wrk(system, 64, duration, system.key)
+                count = max(1, result["requests"])
+                cpu = (system.cpu_seconds() - cpu0) / count * 1e6
+                redis_cpu = (cpu_seconds(redis_pid) - redis0) / count * 1e6
+                out[name].append((result["rps"], cpu, redis_cpu))
+            log(f"round {r + 1}/{repeats}: " + ", ".join(
+                f"{n} {out[n][-1][0]:.0f}/s {out[n][-1][1]:.0f} µs" for n in LIMITS))  # fmt: skip
+    finally:
+        stack.close()
+    base = out["fluxgate"]
+    log(f"fluxgate: {median(x[1] for x in base):.1f} µs CPU a request")
+    for name in LIMITS[1:]:
+        ratio = median(a[0] / b[0] for a, b in zip(out[name], base, strict=True))
+        extra = median(a[1] - b[1] for a, b in zip(out[name], base, strict=True))
+        redis_cpu = median(x[2] for x in out[name])
+        redis = f", redis-server {redis_cpu:.1f} µs" if name == "fluxgate-redis" else ""
+        log(f"{name}: {ratio:.3f} of the same key without; +{extra:.1f} µs CPU a request{redis}")
+
+
 def log_scan(text: str) -> dict[str, Any]:
     lines = [x for x in text.splitlines() if x.strip()]
     bad = [x for x in lines if x.startswith(("WARN", "ERROR", "CRITICAL", "Traceback"))]
@@ -278,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                         "the next for up to 30 s")  # fmt: skip
     parser.add_argument("--streams-scenarios", default=",".join(streams.SCENARIOS),
                         help="A (1,000 × 10/s), B (10,000 × 1 per 2 s)")  # fmt: skip
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="only keys under limits (local, Redis) against the same key without, printed",
+    )
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
@@ -291,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # A SIGTERM to the benchmark still stops every server it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.limits:
+        limits_phase(args.repeats, args.duration)
+        return 0
     if args.observability:
         observability.main(args.repeats, args.duration, args.latency_duration)
         latest = RESULTS / "latest.json"

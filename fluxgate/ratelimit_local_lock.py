@@ -26,6 +26,8 @@ import mmap
 import os
 from collections.abc import Callable
 
+from .ratelimit import LimitBackendError
+
 MUTEX_SIZE = 128  # bytes kept for a pthread_mutex_t (40 or 48 in glibc)
 
 
@@ -89,11 +91,14 @@ class TableLock:
 
     def taken(self, result: int) -> None:
         """What `take` returned, when not 0: EOWNERDEAD (its holder died holding
-        it, and it is ours now), or an error."""
+        it, and it is ours now), or an error: LimitBackendError, so that
+        `on_backend_error` decides rather than every request failing."""
         if result == errno.EOWNERDEAD:
             result = self._consistent()
+            if result:  # ours, but not usable again: give it back, never keep it
+                self.give()
         if result:
-            raise OSError(result, os.strerror(result))
+            raise LimitBackendError(f"the limits table's lock: {os.strerror(result)}")
 
     def lock(self) -> None:
         result = self.take()

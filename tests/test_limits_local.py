@@ -1,10 +1,11 @@
 """The local limits backend (fluxgate/ratelimit_local.py) keeps the semantics of
 fluxgate/ratelimit.py's `Limiter` across worker processes.
 
-Unit level: a `LocalTable` made here as the master makes it, and forked
-processes standing in for workers where sharing matters (exact counts under
-contention, a dead worker's concurrency places, a worker killed holding the
-lock). Clocks are injected for the minute window and the UTC day.
+Unit level: a `LocalTable` made here as the master makes it, under either kind
+of lock, and forked processes standing in for workers where sharing matters
+(exact counts under contention, a dead worker's concurrency places; a worker
+killed holding the lock: test_limits_local_lock.py). Clocks are injected for
+the minute window and the UTC day.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
-import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from fluxgate import ratelimit_local
-from fluxgate.ratelimit import BUDGET, CONCURRENT, REQUESTS, TOKENS, Policy, Refusal
+from fluxgate.ratelimit import (
+    BUDGET,
+    CONCURRENT,
+    REQUESTS,
+    TOKENS,
+    Policy,
+    Refusal,
+)
 from fluxgate.ratelimit_local import (
     DAY_SECONDS,
     STATE_FILE,
@@ -201,32 +207,6 @@ def test_reset_slot_zeroes_the_places_before_reuse(table: LocalTable) -> None:
     assert limiter(table, 0).admit_now("k", policy) is None  # slots past the highest are unseen
     table.reset_slot(5)  # the master's pre_fork hook
     assert limiter(table, 5).admit_now("k", policy) is not None  # slot 0's place counts
-
-
-def test_a_worker_killed_holding_the_lock_does_not_stall_the_others(table: LocalTable) -> None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        table.lock()
-        os.write(w, b"x")
-        time.sleep(60)
-        os._exit(0)
-    os.read(r, 1)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(r)
-    os.close(w)
-    lim = limiter(table)
-    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is None
-    assert lim.admit_now("k", Policy("p", requests_per_minute=1)) is not None  # and again
-
-
-def test_the_lock_is_a_robust_mutex_where_the_c_library_has_one() -> None:
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the robust mutex is looked for in glibc")
-    table = LocalTable(capacity=8, slots=2)
-    assert table.robust_lock
-    os.close(table.fd)
 
 
 # Windows
