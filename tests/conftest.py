@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+import redis
 
 from demo.fake_upstream import FakeUpstreamThread
 from tests.supervisor_process import ALL_LOG_LINES, Supervisor, free_port
@@ -209,3 +210,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def empty_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session's redis-server, emptied before each test."""
+    if redis_server.process is None:  # a test that stopped it failed before starting it again
+        redis_server.start()
+    redis_admin(redis_server).flushall()
+    yield redis_server
+
+
+def redis_admin(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url, decode_responses=True)

@@ -11,11 +11,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-import redis
 
 from fluxgate.ratelimit import (
     BUDGET,
@@ -27,7 +26,7 @@ from fluxgate.ratelimit import (
     Refusal,
 )
 from fluxgate.ratelimit_redis import RedisLimiter
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, redis_admin
 
 T = TypeVar("T")
 DAY_MS = 86_400_000
@@ -43,16 +42,8 @@ def run(body: Callable[[], Awaitable[T]]) -> T:
 
 
 @pytest.fixture
-def server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session's redis-server, emptied before each test."""
-    if redis_server.process is None:  # a test that stopped it failed before starting it again
-        redis_server.start()
-    admin(redis_server).flushall()
-    yield redis_server
-
-
-def admin(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, decode_responses=True)
+def server(empty_redis: RedisServer) -> RedisServer:
+    return empty_redis
 
 
 def bucket() -> str:
@@ -83,7 +74,7 @@ def test_requests_per_minute_refuses_the_request_after_the_limit(server: RedisSe
         assert refusal is not None
         assert (refusal.limit, refusal.maximum, refusal.remaining) == (REQUESTS, 3, 0)
         assert 55 < refusal.reset <= 60
-    window = admin(server).hgetall(RedisLimiter(server.url).keys(name)[1])
+    window = redis_admin(server).hgetall(RedisLimiter(server.url).keys(name)[1])
     assert window == {"r": "3"}  # the refused ones counted nothing
 
 
@@ -93,7 +84,7 @@ def test_the_minute_window_starts_at_the_first_request_and_is_not_extended(
     policy = Policy("p", requests_per_minute=10)
     name = bucket()
     window_key = RedisLimiter(server.url).keys(name)[1]
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> tuple[int, int]:
         limiter = RedisLimiter(server.url)
@@ -130,7 +121,10 @@ def test_tokens_per_minute_refuses_once_the_window_is_spent(server: RedisServer)
     assert refusal is not None
     assert (refusal.limit, refusal.maximum, refusal.remaining) == (TOKENS, 100, 0)
     assert 55 < refusal.reset <= 60
-    assert admin(server).hgetall(RedisLimiter(server.url).keys(name)[1]) == {"r": "2", "t": "110"}
+    assert redis_admin(server).hgetall(RedisLimiter(server.url).keys(name)[1]) == {
+        "r": "2",
+        "t": "110",
+    }
 
 
 def test_finish_after_the_window_ended_charges_a_new_window(server: RedisServer) -> None:
@@ -138,7 +132,7 @@ def test_finish_after_the_window_ended_charges_a_new_window(server: RedisServer)
     policy = Policy("p", tokens_per_minute=100)
     name = bucket()
     window_key = RedisLimiter(server.url).keys(name)[1]
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> Refusal | None:
         limiter = RedisLimiter(server.url)
@@ -160,7 +154,7 @@ def test_tokens_per_day_refuses_until_utc_midnight(server: RedisServer) -> None:
     policy = Policy("p", tokens_per_day=1000)
     name = bucket()
     day_key = RedisLimiter(server.url).keys(name)[2]
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> Refusal | None:
         limiter = RedisLimiter(server.url)
@@ -189,7 +183,7 @@ def test_the_day_rolls_over_at_utc_midnight_and_its_key_expires(server: RedisSer
     policy = Policy("p", tokens_per_day=100)
     name = bucket()
     day_key = RedisLimiter(server.url).keys(name)[2]
-    db = admin(server)
+    db = redis_admin(server)
     midnight = (time.time() // 86_400 + 1) * 86_400
     now = [midnight - 0.3]
 
@@ -235,7 +229,7 @@ def test_concurrency_refuses_at_the_limit_and_finish_gives_places_back(
             assert await limiter.admit(name, policy) is not None
             for _ in range(2):
                 await limiter.finish(name, policy, 0)
-            assert admin(server).exists(limiter.keys(name)[0]) == 0  # nothing left in flight
+            assert redis_admin(server).exists(limiter.keys(name)[0]) == 0  # nothing left in flight
             assert await admit_n(limiter, name, policy, 2) == [None, None]
         finally:
             await limiter.close()
@@ -283,7 +277,7 @@ def test_the_limits_are_checked_in_order_concurrency_requests_tokens_day(
             await limiter.finish(name, policy, 10)  # tokens and day now spent too
             assert await limiter.admit(name, policy) is not None
             seen.append(refusal.limit if (refusal := await limiter.admit(name, policy)) else "")
-            admin(server).delete(limiter.keys(name)[1])  # a new minute: day still spent
+            redis_admin(server).delete(limiter.keys(name)[1])  # a new minute: day still spent
             seen.append(refusal.limit if (refusal := await limiter.admit(name, policy)) else "")
             return seen
         finally:
@@ -303,8 +297,8 @@ def test_a_refusal_counts_nothing(server: RedisServer) -> None:
             for _ in range(10):
                 assert await limiter.admit(name, policy) is not None
             keys = limiter.keys(name)
-            assert admin(server).hget(keys[1], "r") == "1"
-            assert admin(server).zcard(keys[0]) == 1
+            assert redis_admin(server).hget(keys[1], "r") == "1"
+            assert redis_admin(server).zcard(keys[0]) == 1
         finally:
             await limiter.close()
 
@@ -341,7 +335,7 @@ def share(server: RedisServer, policy: Policy, name: str, machines: int, each: i
 def test_two_machines_share_one_buckets_requests_exactly(server: RedisServer) -> None:
     name = bucket()
     assert share(server, Policy("p", requests_per_minute=100), name, 2, 150) == 100
-    assert admin(server).hget(RedisLimiter(server.url).keys(name)[1], "r") == "100"
+    assert redis_admin(server).hget(RedisLimiter(server.url).keys(name)[1], "r") == "100"
 
 
 def test_two_machines_share_one_buckets_places_exactly(server: RedisServer) -> None:
@@ -411,7 +405,7 @@ def test_redis_stopped_is_a_backend_error_and_its_return_heals_the_same_limiter(
                 server.start()  # empty: no data, no scripts (NOSCRIPT reloads them)
             assert await limiter.admit(name, policy) is None
             await limiter.finish(name, policy, 10)
-            assert admin(server).hget(limiter.keys(name)[1], "r") == "1"
+            assert redis_admin(server).hget(limiter.keys(name)[1], "r") == "1"
         finally:
             await limiter.close()
 
@@ -430,7 +424,7 @@ def test_a_flushed_script_cache_is_filled_again(server: RedisServer) -> None:
         limiter = RedisLimiter(server.url)
         try:
             assert await limiter.admit("a", policy) is None
-            admin(server).script_flush()
+            redis_admin(server).script_flush()
             assert await limiter.admit("a", policy) is None
             await limiter.finish("a", policy, 5)
         finally:
@@ -471,7 +465,7 @@ def test_one_round_trip_per_admit_and_one_per_finish(server: RedisServer) -> Non
         "p", requests_per_minute=100, tokens_per_minute=10**6, concurrent_requests=5,
         tokens_per_day=10**6,
     )  # fmt: skip
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> None:
         limiter = RedisLimiter(server.url)
@@ -511,7 +505,7 @@ def test_many_tasks_queue_for_a_small_pool_without_errors(server: RedisServer) -
             await limiter.close()
 
     run(body)
-    assert admin(server).hget(RedisLimiter(server.url).keys("q")[1], "r") == str(64 * 50)
+    assert redis_admin(server).hget(RedisLimiter(server.url).keys("q")[1], "r") == str(64 * 50)
 
 
 def test_round_trip_cost_per_request_on_loopback(server: RedisServer) -> None:

@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from fluxgate.ratelimit import CONCURRENT, REQUESTS, TOKENS, LimitBackendError, Policy, Refusal
 from fluxgate.ratelimit_redis import MAX_BATCH, RedisLimiter
-from tests.conftest import RedisServer
-from tests.test_limits_redis import admin, bucket, run
+from tests.conftest import RedisServer, redis_admin
+from tests.test_limits_redis import bucket, run
 
 
 @pytest.fixture
-def server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session's redis-server, emptied before each test."""
-    if redis_server.process is None:  # a test that stopped it failed before starting it again
-        redis_server.start()
-    admin(redis_server).flushall()
-    yield redis_server
+def server(empty_redis: RedisServer) -> RedisServer:
+    return empty_redis
 
 
 def evalsha_calls(db: redis.Redis) -> int:
@@ -49,7 +44,7 @@ def test_a_batch_admits_the_first_calls_the_limit_allows_and_refuses_the_rest(
 ) -> None:
     policy = Policy("p", requests_per_minute=4)
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> tuple[list[Refusal | None], int]:
         limiter = RedisLimiter(server.url)
@@ -74,7 +69,7 @@ def test_a_batch_admits_the_first_calls_the_limit_allows_and_refuses_the_rest(
 def test_one_batch_refuses_a_bucket_at_its_limit_and_admits_another(server: RedisServer) -> None:
     policy = Policy("p", concurrent_requests=1)
     full, free = bucket(), bucket()
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> tuple[list[Refusal | None], int]:
         limiter = RedisLimiter(server.url, concurrency_ttl=30)
@@ -96,7 +91,7 @@ def test_a_batch_gives_places_back_and_charges_tokens_before_it_admits(
     server: RedisServer,
 ) -> None:
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
     policy = Policy("p", concurrent_requests=1, tokens_per_minute=100)
 
     async def body() -> tuple[Refusal | None, Refusal | None]:
@@ -168,7 +163,7 @@ def test_more_calls_than_one_batch_holds_are_counted_exactly(server: RedisServer
 def test_many_tasks_share_round_trips_and_their_counts_are_exact(server: RedisServer) -> None:
     policy = Policy("p", requests_per_minute=10**6, tokens_per_minute=10**9, concurrent_requests=64)
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> int:
         limiter = RedisLimiter(server.url)
@@ -200,7 +195,7 @@ def test_many_tasks_share_round_trips_and_their_counts_are_exact(server: RedisSe
 def test_a_flushed_script_cache_under_a_batch_is_filled_again(server: RedisServer) -> None:
     policy = Policy("p", requests_per_minute=10)
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
 
     async def body() -> list[Refusal | None]:
         limiter = RedisLimiter(server.url)
@@ -252,7 +247,7 @@ def test_redis_stopped_fails_every_call_of_a_batch_and_heals(server: RedisServer
 def test_a_bucket_whose_keys_raise_fails_its_own_calls_only(server: RedisServer) -> None:
     policy = Policy("p", concurrent_requests=5, requests_per_minute=10)
     broken, sound = bucket(), bucket()
-    db = admin(server)
+    db = redis_admin(server)
     db.set(RedisLimiter(server.url).keys(broken)[0], "not a sorted set")
 
     async def body() -> list[Refusal | BaseException | None]:
@@ -272,7 +267,7 @@ def test_a_bucket_whose_keys_raise_fails_its_own_calls_only(server: RedisServer)
 def test_finish_soon_counts_its_tokens_when_its_batch_goes(server: RedisServer) -> None:
     policy = Policy("p", tokens_per_minute=1000, tokens_per_day=10**6)
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
     counted: list[int] = []
 
     def count() -> int:  # what parsing the response's usage gives
@@ -307,13 +302,13 @@ def test_close_sends_the_finishes_still_queued(server: RedisServer) -> None:
         await limiter.close()
 
     run(body)
-    assert admin(server).exists(RedisLimiter(server.url).keys(name)[0]) == 0
+    assert redis_admin(server).exists(RedisLimiter(server.url).keys(name)[0]) == 0
 
 
 def test_a_cancelled_admission_gives_its_place_back(server: RedisServer) -> None:
     policy = Policy("p", concurrent_requests=1)
     name = bucket()
-    db = admin(server)
+    db = redis_admin(server)
     places = RedisLimiter(server.url).keys(name)[0]
 
     async def body() -> Refusal | None:
