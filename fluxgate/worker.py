@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from typing import Any, Protocol
 
@@ -69,6 +70,15 @@ class _Server(uvicorn.Server):
     uvicorn re-raises a captured SIGTERM after shutting down, which would end
     every clean worker exit as "killed by SIGTERM" in the master's log.
     """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
 
     def install_signal_handlers(self) -> None:
         pass
@@ -160,6 +170,11 @@ class FluxgateWorker(Worker):
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     async def _heartbeat(self) -> None:
+        # The master counts a worker as booted at its first heartbeat (and only
+        # then logs "serving" and tells systemd READY=1): that must mean it
+        # accepts connections, not merely that its loop runs. A worker that
+        # never gets there is killed by the master's timeout like a hung one.
+        await self.server.listening.wait()
         while True:
             self.notify()
             self.proxy.metrics.refresh()

@@ -234,7 +234,7 @@ class FluxgateArbiter(Arbiter):
             )
 
     def _all_booted(self) -> bool:
-        # A worker's first heartbeat comes from inside its running event loop.
+        # A worker's first heartbeat comes once its server listens (fluxgate.worker).
         return all(w.tmp.last_update() > w.spawned_at for w in self.WORKERS.values())
 
     # Config changes

@@ -97,12 +97,16 @@ def test_connections_over_the_limit_get_503_across_two_workers(
     held = [admit(sup, clients) for _ in range(LIMIT)]
     # Make the held connections span both workers, so that a per-worker count
     # could not refuse the next one. Accept order between workers is the
-    # kernel's choice: swap connections (bounded) until both are in use.
+    # kernel's choice: swap connections (bounded) until both are in use. Both
+    # workers wake for a new connection and the first to run accepts it, so
+    # give the worker that just saw a close time to go back to waiting;
+    # otherwise it is already on a CPU and wins every time on a busy machine.
     for _ in range(40):
         if len({pid for _, pid in held}) == 2:
             break
         client, _ = held.pop(0)
         client.close()
+        time.sleep(0.05)
         held.append(admit(sup, clients))
     assert len({pid for _, pid in held}) == 2, "all connections stayed on one worker"
 
