@@ -16,11 +16,18 @@ none of its own (tests/test_gc_policy.py checks each kind). So here:
 - young collections run as CPython runs them: they visit young objects only;
 - the oldest generation is never collected by CPython's own trigger;
 - once a minute (`GcPolicy.tick`, from the worker's heartbeat) what has
-  survived into the oldest generation is frozen too and counted, and when
-  that count has doubled since the last full collection, one full collection
-  runs. Cycles a library leaves behind (aiohttp keeps the exception of a
-  connection the upstream closed) are freed then, and the memory they can
-  hold stays within the size of the live heap.
+  survived into the oldest generation is frozen too and counted, and one
+  full collection runs when that count has grown more than the open
+  connections explain: past twice what the last full collection kept, plus
+  `PER_CONNECTION` objects for each connection opened since. Cycles a
+  library leaves behind (aiohttp keeps the exception of a connection the
+  upstream closed) are freed then.
+
+Streams opening only add objects they explain, so a worker ramping up to
+thousands of streams is not stopped to visit them all for nothing. Leaked
+cycles are found at the latest when the connections go (the allowance shrinks
+with them), which is when a full collection is cheap; while many stay open,
+what a leak can hold stays within the live heap's own size.
 
 A frozen object is still freed by reference counting when its last
 reference goes: freezing only keeps the collector from visiting it.
@@ -31,12 +38,16 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Final
 
 log = logging.getLogger("fluxgate.gc")
 
 CHECK_INTERVAL: Final = 60.0  # seconds between two looks at the oldest generation
-GROWTH: Final = 2.0  # a full collection once the frozen objects have doubled
+GROWTH: Final = 2.0  # a full collection once the frozen objects have doubled...
+# ...beyond this many per connection opened since: an open stream keeps fewer
+# alive than that (tests/test_gc_policy.py measures it against this).
+PER_CONNECTION: Final = 300
 # CPython's default young thresholds; the oldest generation's own trigger is
 # never reached (it counts young collections).
 THRESHOLDS: Final = (700, 10, 1 << 30)
@@ -49,10 +60,19 @@ class GcPolicy:
     convenient (it acts once per `check_interval`).
     """
 
-    def __init__(self, check_interval: float = CHECK_INTERVAL, growth: float = GROWTH) -> None:
+    def __init__(
+        self,
+        connections: Callable[[], int] = lambda: 0,
+        check_interval: float = CHECK_INTERVAL,
+        growth: float = GROWTH,
+        per_connection: int = PER_CONNECTION,
+    ) -> None:
+        self.connections = connections  # the worker's open client connections
         self.check_interval = check_interval
         self.growth = growth
+        self.per_connection = per_connection
         self.baseline = 0  # frozen objects just after the last full collection (or start)
+        self.baseline_connections = 0  # open connections then
         self.next_check = 0.0
         self.full_collections = 0
 
@@ -60,7 +80,7 @@ class GcPolicy:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*THRESHOLDS)
-        self.baseline = gc.get_freeze_count()
+        self._set_baseline()
         self.next_check = time.monotonic() + self.check_interval
 
     def tick(self) -> None:
@@ -69,8 +89,17 @@ class GcPolicy:
             return
         self.next_check = now + self.check_interval
         gc.freeze()
-        if gc.get_freeze_count() > self.baseline * self.growth:
+        if gc.get_freeze_count() > self.allowance():
             self.collect()
+
+    def allowance(self) -> float:
+        """How many frozen objects the open connections explain."""
+        opened = max(0, self.connections() - self.baseline_connections)
+        return self.baseline * self.growth + opened * self.per_connection
+
+    def _set_baseline(self) -> None:
+        self.baseline = gc.get_freeze_count()
+        self.baseline_connections = self.connections()
 
     def collect(self) -> int:
         """One full collection of everything; returns the objects freed."""
@@ -78,7 +107,7 @@ class GcPolicy:
         gc.unfreeze()
         freed = gc.collect()
         gc.freeze()
-        self.baseline = gc.get_freeze_count()
+        self._set_baseline()
         self.full_collections += 1
         log.debug(
             "full garbage collection: %d objects freed, %d kept, %.1f ms",

@@ -116,7 +116,7 @@ class FluxgateWorker(Worker):
         self.proxy = ProxyApp(config, make_limiter=self.make_limiter)
         self.proxy.metrics.connections = lambda: self.gate.active
         self._snapshot_mtime = 0
-        self.gc_policy = GcPolicy()
+        self.gc_policy = GcPolicy(connections=lambda: self.gate.active)
         self._set_title()
 
     def make_limiter(self, settings: LimitSettings) -> Limiter:

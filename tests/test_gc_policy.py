@@ -23,7 +23,7 @@ import uvicorn
 
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.config import build_config
-from fluxgate.gcpolicy import GcPolicy
+from fluxgate.gcpolicy import PER_CONNECTION, GcPolicy
 from fluxgate.protocol import FluxgateProtocol
 from fluxgate.proxy import ProxyApp
 from tests.conftest import CLIENT_KEY, proxy_config
@@ -179,6 +179,64 @@ def test_the_oldest_generation_is_collected_once_it_has_doubled() -> None:
         policy.tick()
         assert policy.full_collections == before  # nothing grew
         held = [[i] for i in range(policy.baseline + 1000)]  # more than doubles it
+        policy.tick()
+        assert policy.full_collections == before + 1
+        assert policy.baseline >= len(held)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+
+
+def test_an_open_stream_keeps_fewer_objects_than_the_policy_allows_it(
+    served: tuple[asyncio.AbstractEventLoop, int],
+) -> None:
+    """What a stream keeps alive, counted with its client and upstream in this
+    process too: so the real figure is lower still."""
+    loop, port = served
+    streams = 40
+    request = post("/openai/stream-forever?interval_ms=50")
+
+    async def open_streams() -> list[asyncio.StreamWriter]:
+        writers = []
+        for _ in range(streams):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            writers.append(writer)
+            data = b""
+            while b"data: event 1" not in data:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                assert chunk, "the stream ended"
+                data += chunk
+        return writers
+
+    async def close(writers: list[asyncio.StreamWriter]) -> None:
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(0.05)
+
+    loop.run_until_complete(close(loop.run_until_complete(open_streams())))  # warm-up
+    gc.collect()
+    before = len(gc.get_objects())
+    writers = loop.run_until_complete(open_streams())
+    gc.collect()
+    kept = (len(gc.get_objects()) - before) / streams
+    loop.run_until_complete(close(writers))
+    assert kept < PER_CONNECTION, f"{kept:.0f} objects a stream"
+
+
+def test_growth_the_open_connections_explain_runs_no_full_collection() -> None:
+    connections = [0]
+    policy = GcPolicy(connections=lambda: connections[0], check_interval=0.0, growth=2.0)
+    try:
+        policy.start()
+        before = policy.full_collections
+        # More than doubled, at half the allowance per connection opened since.
+        held = [[i] for i in range(policy.baseline + 1000)]
+        connections[0] = 2 * len(held) // PER_CONNECTION + 1
+        policy.tick()
+        assert policy.full_collections == before
+        # The connections go and the objects stay (a leak): the next look collects.
+        connections[0] = 0
         policy.tick()
         assert policy.full_collections == before + 1
         assert policy.baseline >= len(held)
