@@ -32,10 +32,10 @@ worker finished meanwhile, under one lock: at its next admission (tokens
 `finish_now` was given) or within `TOKEN_DELAY` (tokens `finish_soon` was
 given a way to count: the usage is parsed then, off the request's path).
 
-The day's tokens survive a restart: the master loads them from a JSON file
-in the state directory at start (`BudgetStore`), and saves them when they
-changed, at most every `SAVE_INTERVAL` seconds and at shutdown. The file
-holds bucket digests, never bucket names (a name may be a JWT subject).
+The day's tokens survive a restart: `save` and `load` write and read them as
+a JSON file, which the master keeps in the state directory
+(fluxgate.ratelimit_budgets). The file holds bucket digests, never bucket
+names (a name may be a JWT subject).
 """
 
 from __future__ import annotations
@@ -74,10 +74,7 @@ CAPACITY: Final = 16_384  # buckets per service run; then admitted unlimited (on
 DAY_SECONDS: Final = 86_400
 # Retry-After for a request refused at the concurrency limit: it has no window.
 CONCURRENT_RETRY: Final = 1.0
-SAVE_INTERVAL: Final = 5.0  # seconds between the master's saves of the day budgets
 TOKEN_DELAY: Final = 0.05  # seconds a finished request's tokens may wait to be charged
-STATE_FILE: Final = "budgets.json"
-STATE_SUBDIRECTORY: Final = "fluxgate-state"  # next to the config, outside systemd
 STATE_VERSION: Final = 1
 
 # One entry: eight 8-byte fields (one cache line).
@@ -462,65 +459,3 @@ class LocalLimiter(Limiter):
                 fields[base + _DAY_TOKENS] = tokens
                 fields[base + _DAY] = today
         fields[_H_CHANGES] += 1
-
-
-def state_directory(config_path: str) -> str:
-    """Where the day budgets are kept: $STATE_DIRECTORY (systemd's StateDirectory=;
-    the first, if it names several), else `fluxgate-state` beside the config file."""
-    configured = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if configured:
-        return configured
-    return os.path.join(os.path.dirname(os.path.abspath(config_path)), STATE_SUBDIRECTORY)
-
-
-class BudgetStore:
-    """The master's side of the day budgets' persistence: load at start, save
-    when they changed (at most every SAVE_INTERVAL s) and at shutdown. It never
-    fails a start: a file that cannot be read or written is one WARNING."""
-
-    def __init__(
-        self,
-        table: LocalTable,
-        directory: str,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.table = table
-        self.directory = directory
-        self.path = os.path.join(directory, STATE_FILE)
-        self.clock = clock
-        self._last_save = clock()
-        self._warned = False
-
-    def load(self) -> None:
-        try:
-            self.table.load(self.path)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            self._warn("cannot read the token budgets; starting from none spent", exc)
-
-    def tick(self) -> None:
-        """Called from the master's loop (at least once a second)."""
-        now = self.clock()
-        if now - self._last_save >= SAVE_INTERVAL:
-            self._last_save = now
-            self.save()
-
-    def save(self) -> None:
-        if self.table.changes == self.table.saved_changes:
-            return
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            self.table.save(self.path)
-        except OSError as exc:
-            self._warn("cannot save the token budgets; they will not survive a restart", exc)
-
-    def _warn(self, message: str, exc: BaseException) -> None:
-        if self._warned:
-            return
-        self._warned = True
-        log_fields(
-            log,
-            logging.WARNING,
-            message,
-            path=self.path,
-            error=getattr(exc, "strerror", None) or str(exc),
-        )

@@ -24,7 +24,8 @@ from setproctitle import setproctitle
 from fluxgate.config import Config
 from fluxgate.limits import ConnectionTable
 from fluxgate.logs import configure_logging, log_fields
-from fluxgate.ratelimit_local import BudgetStore, LocalTable, state_directory
+from fluxgate.ratelimit_budgets import BudgetStore, state_directory
+from fluxgate.ratelimit_local import LocalTable
 
 from . import oneline
 from .publisher import ConfigPublisher

@@ -30,15 +30,8 @@ from fluxgate.ratelimit import (
     Policy,
     Refusal,
 )
-from fluxgate.ratelimit_local import (
-    DAY_SECONDS,
-    STATE_FILE,
-    TOKEN_DELAY,
-    BudgetStore,
-    LocalLimiter,
-    LocalTable,
-    state_directory,
-)
+from fluxgate.ratelimit_budgets import STATE_FILE, BudgetStore, state_directory
+from fluxgate.ratelimit_local import DAY_SECONDS, TOKEN_DELAY, LocalLimiter, LocalTable
 
 CHILD_TIMEOUT = 30.0
 # 2026-11-30 12:00:00 UTC: twelve hours before a UTC midnight.
