@@ -131,6 +131,51 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+LIMITS_TARGETS = {"fluxgate-limits": 0.95, "fluxgate-redis": 0.85}  # of the key without
+
+
+def limits_section(raw: dict[str, Any]) -> list[str]:
+    """The paired limits phase (bench.run.limits_pairs), if the run has one."""
+    runs = raw.get("limits_paired")
+    if not runs:
+        return []
+    base = runs["fluxgate"]
+    lines = [
+        "### Cost of limits, paired",
+        "",
+        "The limits rows above come from rounds of all eight systems, where the two runs of a",
+        "pair are half a minute apart; a cost of a few percent is lost in that spread. So",
+        f"limits are measured again in {len(base)} rounds of only the key without limits and",
+        "the two keys under a policy (never reached), rotated, back to back on the same",
+        "processes; median of the per-round ratios with (min–max):",
+        "",
+        "|  | throughput / same key without | extra CPU per request, µs | redis-server CPU per"
+        " request, µs | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, target in LIMITS_TARGETS.items():
+        pairs = list(zip(runs[name], base, strict=True))
+        ratio = stat([a["rps"] / b["rps"] for a, b in pairs])
+        extra = stat([a["cpu_us_per_req"] - b["cpu_us_per_req"] for a, b in pairs])
+        redis = (
+            fmt(stat([a["redis_cpu_us_per_req"] for a, _ in pairs]), 1)
+            if name == "fluxgate-redis"
+            else "—"
+        )
+        met = "yes" if ratio[0] >= target else "**no**"
+        lines.append(
+            f"| {LABELS[name]} | {fmt(ratio)} | {fmt(extra, 1)} | {redis} | ≥ {target} | {met} |"
+        )
+    errors = sum(r["errors"] for name in runs for r in runs[name])
+    cpu = stat([r["cpu_us_per_req"] for r in base])
+    lines += [
+        "",
+        f"The key without limits: {fmt(cpu, 0)} µs CPU per request; errors and non-2xx in"
+        f" this phase: {errors}.",
+    ]
+    return lines
+
+
 def _row(title: str, cells: list[str]) -> str:
     return f"| {title} | " + " | ".join(cells) + " |"
 
@@ -288,6 +333,7 @@ def markdown(raw: dict[str, Any], d: dict[str, Any]) -> str:
         "",
         *ratios,
         "",
+        *([*lim, ""] if (lim := limits_section(raw)) else []),
         f"Logging: the TRACE line per request (stderr to /dev/null) adds "
         f"{fmt(d['trace_added_p50'])} ms to the p50 at one connection.",
         "",

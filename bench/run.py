@@ -35,6 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
        "fluxgate-limits", "fluxgate-redis"]  # fmt: skip
 PROXIES = ["nginx", "passthrough", "fluxgate"]
+LIMITS_ROUNDS = 7  # of the paired limits phase: its spread is what the targets are near
 GIB = 1 << 30
 
 
@@ -256,36 +257,50 @@ def streams_only(args: argparse.Namespace) -> int:
 LIMITS = ["fluxgate", "fluxgate-limits", "fluxgate-redis"]
 
 
+def limits_pairs(
+    stack: Stack, systems: dict[str, System], repeats: int, duration: float
+) -> dict[str, list[dict[str, float]]]:
+    """The cost of per-key limits: the key under a policy against the same key without,
+    at 64 connections, in rounds of only these three (rotated), so that each pair runs
+    back to back on the same process: a difference of a few percent is lost in the
+    spread of the all-systems rounds. Per run: requests/s, CPU µs per request of the
+    Fluxgate processes and of the redis-server the Redis limits use."""
+    redis_pid = next(p.pid for p, _ in stack.procs if "redis-server" in str(p.args[0]))
+    for name in LIMITS:
+        clients.wrk(systems[name], 64, 2, systems[name].key)
+    out: dict[str, list[dict[str, float]]] = {n: [] for n in LIMITS}
+    for r in range(repeats):
+        for name in rotated(LIMITS, r):
+            system = systems[name]
+            cpu0, redis0 = system.cpu_seconds(), cpu_seconds(redis_pid)
+            result = clients.wrk(system, 64, duration, system.key)
+            count = max(1, result["requests"])
+            out[name].append({
+                "rps": result["rps"],
+                "cpu_us_per_req": (system.cpu_seconds() - cpu0) / count * 1e6,
+                "redis_cpu_us_per_req": (cpu_seconds(redis_pid) - redis0) / count * 1e6,
+                "errors": result["errors"],
+            })  # fmt: skip
+        log(f"limits, round {r + 1}/{repeats}: " + ", ".join(
+            f"{n} {out[n][-1]['rps']:.0f}/s {out[n][-1]['cpu_us_per_req']:.0f} µs"
+            for n in LIMITS))  # fmt: skip
+    return out
+
+
 def limits_phase(repeats: int, duration: float) -> None:
-    """The cost of per-key limits alone, printed (nothing written): the key under a
-    policy against the same key without, at 64 connections, interleaved; CPU per
-    request of the Fluxgate processes (and of the redis-server the limits use)."""
+    """`--limits`: only `limits_pairs`, printed (nothing written)."""
     stack = Stack()
     try:
-        systems = stack.start()
-        redis_pid = next(p.pid for p, _ in stack.procs if "redis-server" in str(p.args[0]))
-        for name in LIMITS:
-            clients.wrk(systems[name], 64, 2, systems[name].key)
-        out: dict[str, list[tuple[float, float, float]]] = {n: [] for n in LIMITS}
-        for r in range(repeats):
-            for name in rotated(LIMITS, r):
-                system = systems[name]
-                cpu0, redis0 = system.cpu_seconds(), cpu_seconds(redis_pid)
-                result = clients.wrk(system, 64, duration, system.key)
-                count = max(1, result["requests"])
-                cpu = (system.cpu_seconds() - cpu0) / count * 1e6
-                redis_cpu = (cpu_seconds(redis_pid) - redis0) / count * 1e6
-                out[name].append((result["rps"], cpu, redis_cpu))
-            log(f"round {r + 1}/{repeats}: " + ", ".join(
-                f"{n} {out[n][-1][0]:.0f}/s {out[n][-1][1]:.0f} µs" for n in LIMITS))  # fmt: skip
+        out = limits_pairs(stack, stack.start(), repeats, duration)
     finally:
         stack.close()
     base = out["fluxgate"]
-    log(f"fluxgate: {median(x[1] for x in base):.1f} µs CPU a request")
+    log(f"fluxgate: {median(x['cpu_us_per_req'] for x in base):.1f} µs CPU a request")
     for name in LIMITS[1:]:
-        ratio = median(a[0] / b[0] for a, b in zip(out[name], base, strict=True))
-        extra = median(a[1] - b[1] for a, b in zip(out[name], base, strict=True))
-        redis_cpu = median(x[2] for x in out[name])
+        runs = list(zip(out[name], base, strict=True))
+        ratio = median(a["rps"] / b["rps"] for a, b in runs)
+        extra = median(a["cpu_us_per_req"] - b["cpu_us_per_req"] for a, b in runs)
+        redis_cpu = median(x["redis_cpu_us_per_req"] for x in out[name])
         redis = f", redis-server {redis_cpu:.1f} µs" if name == "fluxgate-redis" else ""
         log(f"{name}: {ratio:.3f} of the same key without; +{extra:.1f} µs CPU a request{redis}")
 
@@ -374,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"idle RSS (MiB): {mem['idle']}")
         results["latency_1c"] = latency_phase(systems, args.repeats, args.latency_duration)
         results["throughput_64c"] = throughput_phase(systems, args.repeats, args.duration)
+        results["limits_paired"] = limits_pairs(stack, systems, LIMITS_ROUNDS, args.duration)
         time.sleep(1.0)
         mem["after_load"] = memory(systems)
         results["sse"] = sse_phase(systems, args.repeats)
