@@ -25,7 +25,7 @@ PY_SOURCES := fluxgate supervisor demo tests bench gunicorn.conf.py
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard $(PY_SOURCES))
 	$(BIN)/ruff format --check $(wildcard $(PY_SOURCES))
-	$(BIN)/mypy fluxgate supervisor demo
+	$(BIN)/mypy fluxgate supervisor demo bench
 
 test: lint
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ python -m bench.report [bench/results/latest.json]   # re-render without re-runn
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -575,6 +576,10 @@ def derive_streams(blob: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _at(key: str, figures: dict[str, Any], _: str) -> str:
+    return fmt(figures.get(key))
+
+
 def _streams_table(sc: dict[str, Any], d: dict[str, Any]) -> list[str]:
     names = [n for n in SYSTEMS if n in d["systems"]]
     ramp = sc["streams"] / sc["rate"]
@@ -604,13 +609,10 @@ def _streams_table(sc: dict[str, Any], d: dict[str, Any]) -> list[str]:
              cells(lambda f, _: fmt(f["pss_kept_mib"], 1))),
     ]  # fmt: skip
     for p, label in STREAM_PERCENTILES:
-        rows.append(_row(f"event latency {label}, ms", cells(lambda f, _, p=p: fmt(f[p]))))
+        rows.append(_row(f"event latency {label}, ms", cells(functools.partial(_at, p))))
     for p, label in STREAM_PERCENTILES:
         rows.append(
-            _row(
-                f"*added* {label} over direct, ms",
-                cells(lambda f, _, p=p: fmt(f.get(f"added_{p}"))),
-            )
+            _row(f"*added* {label} over direct, ms", cells(functools.partial(_at, f"added_{p}")))
         )
     rows += [
         _row("response head p99, ms (during the ramp)", cells(lambda f, _: fmt(f["head_p99"], 2))),

@@ -265,7 +265,7 @@ def limits_pairs(
     back to back on the same process: a difference of a few percent is lost in the
     spread of the all-systems rounds. Per run: requests/s, CPU µs per request of the
     Fluxgate processes and of the redis-server the Redis limits use."""
-    redis_pid = next(p.pid for p, _ in stack.procs if "redis-server" in str(p.args[0]))
+    redis_pid = stack.pid_of("redis-server")
     for name in LIMITS:
         clients.wrk(systems[name], 64, 2, systems[name].key)
     out: dict[str, list[dict[str, float]]] = {n: [] for n in LIMITS}

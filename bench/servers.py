@@ -496,6 +496,14 @@ class Stack:
         path = self.tmp / f"{name}.stderr"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def pid_of(self, program: str) -> int:
+        """The pid of the server started from `program` (e.g. "redis-server")."""
+        for proc, _ in self.procs:
+            args = proc.args
+            if isinstance(args, list) and program in str(args[0]):
+                return proc.pid
+        raise LookupError(program)
+
     def dead(self) -> list[str]:
         """Servers that have exited, with their exit codes."""
         return [f"{p.args!r} exited {p.returncode}" for p, _ in self.procs if p.poll() is not None]
