@@ -155,11 +155,10 @@ def limits_section(raw: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for name, target in LIMITS_TARGETS.items():
-        pairs = list(zip(runs[name], base, strict=True))
-        ratio = stat([a["rps"] / b["rps"] for a, b in pairs])
-        extra = stat([a["cpu_us_per_req"] - b["cpu_us_per_req"] for a, b in pairs])
+        ratio = paired(runs, name, "fluxgate", "rps", lambda x, y: x / y)
+        extra = paired(runs, name, "fluxgate", "cpu_us_per_req", lambda x, y: x - y)
         redis = (
-            fmt(stat([a["redis_cpu_us_per_req"] for a, _ in pairs]), 1)
+            fmt(stat(per_round(runs, name, "redis_cpu_us_per_req")), 1)
             if name == "fluxgate-redis"
             else "—"
         )
@@ -168,7 +167,7 @@ def limits_section(raw: dict[str, Any]) -> list[str]:
             f"| {LABELS[name]} | {fmt(ratio)} | {fmt(extra, 1)} | {redis} | ≥ {target} | {met} |"
         )
     errors = sum(r["errors"] for name in runs for r in runs[name])
-    cpu = stat([r["cpu_us_per_req"] for r in base])
+    cpu = stat(per_round(runs, "fluxgate", "cpu_us_per_req"))
     lines += [
         "",
         f"The key without limits: {fmt(cpu, 0)} µs CPU per request; errors and non-2xx in"

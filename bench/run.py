@@ -25,7 +25,6 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 from . import clients, observability, report, streams
@@ -288,21 +287,13 @@ def limits_pairs(
 
 
 def limits_phase(repeats: int, duration: float) -> None:
-    """`--limits`: only `limits_pairs`, printed (nothing written)."""
+    """`--limits`: only `limits_pairs`, printed as BENCHMARKS.md would show it."""
     stack = Stack()
     try:
         out = limits_pairs(stack, stack.start(), repeats, duration)
     finally:
         stack.close()
-    base = out["fluxgate"]
-    log(f"fluxgate: {median(x['cpu_us_per_req'] for x in base):.1f} µs CPU a request")
-    for name in LIMITS[1:]:
-        runs = list(zip(out[name], base, strict=True))
-        ratio = median(a["rps"] / b["rps"] for a, b in runs)
-        extra = median(a["cpu_us_per_req"] - b["cpu_us_per_req"] for a, b in runs)
-        redis_cpu = median(x["redis_cpu_us_per_req"] for x in out[name])
-        redis = f", redis-server {redis_cpu:.1f} µs" if name == "fluxgate-redis" else ""
-        log(f"{name}: {ratio:.3f} of the same key without; +{extra:.1f} µs CPU a request{redis}")
+    print("\n".join(report.limits_section({"limits_paired": out})), flush=True)
 
 
 def log_scan(text: str) -> dict[str, Any]:

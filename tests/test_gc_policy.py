@@ -158,37 +158,40 @@ def test_an_exchange_leaves_no_reference_cycle(
     assert found == [], f"{case}: reference cycles left: {found}"
 
 
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """A policy's start changes the process-wide collector: undone after the test."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("gc_restored")
 def test_a_reference_cycle_is_still_freed_by_a_full_collection() -> None:
     policy = GcPolicy(check_interval=0.0)
-    try:
-        policy.start()
-        cycle: list[Any] = []
-        cycle.append(cycle)
-        del cycle
-        gc.freeze()  # as the tick does: the cycle is now frozen
-        assert policy.collect() >= 1
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(700, 10, 10)
+    policy.start()
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    del cycle
+    gc.freeze()  # as the tick does: the cycle is now frozen
+    assert policy.collect() >= 1
 
 
-def test_the_oldest_generation_is_collected_once_it_has_doubled() -> None:
+@pytest.mark.usefixtures("gc_restored")
+def test_a_heap_doubled_with_no_connection_opened_is_collected() -> None:
     policy = GcPolicy(check_interval=0.0, growth=2.0)
-    try:
-        policy.start()
-        before = policy.full_collections
-        policy.tick()
-        assert policy.full_collections == before  # nothing grew
-        held = [[i] for i in range(policy.baseline // 2 + 1000)]  # 2+ blocks each
-        policy.tick()
-        assert policy.full_collections == before + 1
-        assert policy.baseline >= len(held)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(700, 10, 10)
+    policy.start()
+    before = policy.full_collections
+    policy.tick()
+    assert policy.full_collections == before  # nothing grew
+    held = [[i] for i in range(policy.baseline // 2 + 1000)]  # 2+ blocks each
+    policy.tick()
+    assert policy.full_collections == before + 1
+    assert policy.baseline >= len(held)
 
 
-def test_an_open_stream_keeps_fewer_objects_than_the_policy_allows_it(
+def test_an_open_stream_takes_fewer_heap_blocks_than_the_policy_allows_it(
     served: tuple[asyncio.AbstractEventLoop, int],
 ) -> None:
     """The heap a stream takes, in memory blocks, counted with its client and
@@ -225,23 +228,20 @@ def test_an_open_stream_keeps_fewer_objects_than_the_policy_allows_it(
     assert kept < PER_CONNECTION, f"{kept:.0f} blocks a stream"
 
 
+@pytest.mark.usefixtures("gc_restored")
 def test_growth_the_open_connections_explain_runs_no_full_collection() -> None:
     connections = [0]
     policy = GcPolicy(connections=lambda: connections[0], check_interval=0.0, growth=2.0)
-    try:
-        policy.start()
-        before = policy.full_collections
-        # More than doubled (2 or 3 blocks a list), within the allowance of the
-        # connections opened since (4 blocks a list).
-        held = [[i] for i in range(policy.baseline // 2 + 1000)]
-        connections[0] = 4 * len(held) // PER_CONNECTION + 1
-        policy.tick()
-        assert policy.full_collections == before
-        # The connections go and the objects stay (a leak): the next look collects.
-        connections[0] = 0
-        policy.tick()
-        assert policy.full_collections == before + 1
-        assert policy.baseline >= len(held)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(700, 10, 10)
+    policy.start()
+    before = policy.full_collections
+    # More than doubled (2 or 3 blocks a list), within the allowance of the
+    # connections opened since (4 blocks a list).
+    held = [[i] for i in range(policy.baseline // 2 + 1000)]
+    connections[0] = 4 * len(held) // PER_CONNECTION + 1
+    policy.tick()
+    assert policy.full_collections == before
+    # The connections go and the objects stay (a leak): the next look collects.
+    connections[0] = 0
+    policy.tick()
+    assert policy.full_collections == before + 1
+    assert policy.baseline >= len(held)
