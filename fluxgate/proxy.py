@@ -43,6 +43,7 @@ from .ratelimit import (
     LimitBackendError,
     Limiter,
     LimitSettings,
+    Refusal,
     Tokens,
     tokens_used,
 )
@@ -105,7 +106,11 @@ class ProxyApp:
             principal = self.authenticate(config, scope, ex)
             upstream = self.route(principal, path)
             if principal.policy is not None:
-                await self.apply_policy(config, principal, ex)
+                limiter = self.limiter(config.limits)
+                if limiter.immediate:  # the local backend: nothing to wait for
+                    self.admit(config, principal, ex, limiter)
+                else:
+                    await self.admit_later(config, principal, ex, limiter)
             assert self.forwarder is not None, "lifespan startup makes it"
             await self.forwarder.forward(upstream, scope, receive, send, ex)
         except ProxyError as err:
@@ -130,30 +135,55 @@ class ProxyApp:
             raise ProxyError(NOT_FOUND)
         return upstream
 
-    async def apply_policy(self, config: Config, principal: Principal, ex: Exchange) -> None:
-        """The key's limits (fluxgate.ratelimit), before anything is forwarded.
+    def admit(self, config: Config, principal: Principal, ex: Exchange, limiter: Limiter) -> None:
+        """The key's limits (fluxgate.ratelimit), before anything is forwarded,
+        by a limiter that answers at once.
 
         Provider-key choice is the forwarder's (fluxgate.keypool), per attempt.
         """
-        policy = principal.policy
-        assert policy is not None
-        limiter = self.limiter(config.limits)
+        assert principal.policy is not None
         try:
-            refusal = await limiter.admit(principal.bucket, policy)
+            refusal = limiter.admit_now(principal.bucket, principal.policy)
         except LimitBackendError as exc:
-            self.backend_failed(config.limits, exc)
-            if config.limits.on_backend_error == "deny":
-                raise ProxyError(LIMIT_BACKEND_DOWN) from None
-            return
+            self.unanswered(config.limits, exc)
+        else:
+            self.admitted(config.limits, principal, ex, limiter, refusal)
+
+    async def admit_later(
+        self, config: Config, principal: Principal, ex: Exchange, limiter: Limiter
+    ) -> None:
+        """`admit`, by a limiter that asks over the network (Redis)."""
+        assert principal.policy is not None
+        try:
+            refusal = await limiter.admit(principal.bucket, principal.policy)
+        except LimitBackendError as exc:
+            self.unanswered(config.limits, exc)
+        else:
+            self.admitted(config.limits, principal, ex, limiter, refusal)
+
+    def unanswered(self, settings: LimitSettings, exc: LimitBackendError) -> None:
+        """The backend could not tell: `on_backend_error` decides."""
+        self.backend_failed(settings, exc)
+        if settings.on_backend_error == "deny":
+            raise ProxyError(LIMIT_BACKEND_DOWN) from None
+
+    def admitted(
+        self,
+        settings: LimitSettings,
+        principal: Principal,
+        ex: Exchange,
+        limiter: Limiter,
+        refusal: Refusal | None,
+    ) -> None:
         if self.health.down:
-            self.health.answered(config.limits.backend)
+            self.health.answered(settings.backend)
         if refusal is not None:
             ex.limit = refusal.limit
             response = rate_limited(
                 refusal.limit, refusal.maximum, refusal.remaining, refusal.reset
             )
             raise ProxyError(response)
-        ex.limited = (limiter, principal.bucket, policy)
+        ex.limited = (limiter, principal.bucket, principal.policy)
 
     def end_policy(self, config: Config, ex: Exchange) -> None:
         """Give the request's concurrency place back and charge the tokens it used

@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, Final, TypeAlias
 
 from .logs import log_fields
 
@@ -109,6 +109,14 @@ class Limiter(abc.ABC):
         a concurrency place, and returns None: `finish` must then be called
         exactly once. Raises `LimitBackendError` when it cannot tell.
         """
+
+    # True for a backend that answers without waiting (the local one): the
+    # proxy then calls `admit_now`, and no coroutine is made per request.
+    immediate: ClassVar[bool] = False
+
+    def admit_now(self, bucket: str, policy: Policy) -> Refusal | None:
+        """`admit`, without a coroutine, where `immediate`."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def finish(self, bucket: str, policy: Policy, tokens: int) -> None:

@@ -288,6 +288,8 @@ class LocalLimiter(Limiter):
         self._timer: asyncio.TimerHandle | None = None
         self._slot = slot
 
+    immediate = True
+
     def _index(self, bucket: str) -> int:
         """Under the lock."""
         index = self._indices.get(bucket)
