@@ -11,16 +11,18 @@ imports the app.
 A client that goes away is reported through its connection's `ClientLink`:
 the relay sets the link's `on_lost` callback while an upstream exchange is
 open, so that the exchange is cancelled at once, even while the upstream is
-silent. The scope holds the link, never the protocol object itself: the
-protocol holds the scope, and the pair would make every connection a
-reference cycle that only a full garbage collection frees
+silent; and its `flow` while a response body is relayed, so that the
+upstream is read no faster than the client takes the bytes. The scope
+holds the link, never the protocol object itself: the protocol holds the
+scope, and the pair would make every connection a reference cycle that
+only a full garbage collection frees
 (docs/architecture.md, "Garbage collection").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from .usage import Tap
@@ -33,13 +35,24 @@ Scope = dict[str, Any]
 OnLost = Callable[[], None]
 
 
+class Flow(Protocol):
+    """A body relay's side of the client's flow control (fluxgate.relay)."""
+
+    def pause(self) -> None:
+        """The client's socket buffer is full: read no more from the upstream."""
+
+    def resume(self) -> None:
+        """It has drained: read on."""
+
+
 class ClientLink:
     """The client's connection as the relay sees it: one per connection."""
 
-    __slots__ = ("on_lost",)
+    __slots__ = ("flow", "on_lost")
 
     def __init__(self) -> None:
         self.on_lost: OnLost | None = None  # called once if the client goes away
+        self.flow: Flow | None = None  # told while a body relay runs
 
 
 class Exchange:

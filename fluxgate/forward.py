@@ -38,6 +38,7 @@ from .exchange import CONNECTION_SCOPE_KEY, ClientLink, Exchange, Scope
 from .headers import client_headers, upstream_headers
 from .keypool import KeyPool, KeyPools
 from .metrics import WorkerMetrics
+from .relay import relay_body
 from .routing import upstream_target
 from .upstream import UpstreamClient, upstream_failure
 from .usage import open_tap
@@ -331,7 +332,7 @@ def _may_retry(
 async def relay(
     upstream: Upstream, response: aiohttp.ClientResponse, send: Any, ex: Exchange, guard: Guard
 ) -> None:
-    """The response head, then each body chunk the moment it arrives."""
+    """The response head, then each body chunk the moment it arrives (fluxgate.relay)."""
     headers = client_headers(response.raw_headers)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     ex.response_started = True
@@ -344,13 +345,7 @@ async def relay(
         guard.watch_idle(upstream.timeouts.idle)
         beat = guard.chunk
     try:
-        async for chunk in response.content.iter_any():
-            ex.response_bytes += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if tap is not None:
-                tap.feed(chunk)
-            if beat is not None:
-                beat()
+        await relay_body(response, send, guard.connection, ex, tap, beat, guard.loop)
     except (aiohttp.ClientError, OSError) as exc:
         # The response's reader keeps this error, and its traceback would keep
         # this frame, which keeps the response: a cycle (fluxgate.gcpolicy).

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .errors import (
     HEAD_TIMED_OUT,
@@ -107,6 +107,51 @@ class _ResponseWriter:
         return self._transport.is_closing()
 
 
+class ClientBody:
+    """A response's body chunks, written straight to the client's transport.
+
+    The relay's path for each chunk (fluxgate.relay): framed exactly as
+    uvicorn's `send` frames an `http.response.body` message (a chunk of its
+    own under chunked encoding, counted against Content-Length otherwise,
+    nothing for HEAD or once the client is gone), without the message, the
+    coroutine and the flow check `send` costs per chunk. The head and the
+    end of the response still go through `send`, so uvicorn's cycle keeps
+    deciding keep-alive and completion. Made by `client_body`.
+    """
+
+    __slots__ = ("_chunked", "_cycle", "_discard", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._chunked = bool(cycle.chunked_encoding)
+        self._discard = cycle.scope["method"] == "HEAD"
+
+    @property
+    def paused(self) -> bool:
+        """The client's socket buffer is over its high-water mark."""
+        return self._cycle.flow.write_paused
+
+    def write(self, chunk: bytes) -> None:
+        if self._discard or self._transport.is_closing():
+            return
+        if self._chunked:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self._cycle.expected_content_length -= len(chunk)
+            self._transport.write(chunk)
+
+
+def client_body(send: Any) -> ClientBody | None:
+    """The `ClientBody` of the response `send` (the app's ASGI send) has started,
+    or None when `send` is not a cycle's of this protocol (then the relay
+    sends each chunk through it)."""
+    cycle = getattr(send, "__self__", None) or getattr(send, "cycle", None)
+    if isinstance(cycle, RequestResponseCycle) and cycle.response_started:
+        return ClientBody(cycle)
+    return None
+
+
 class FluxgateProtocol(HttpToolsProtocol):
     def __init__(
         self,
@@ -149,6 +194,16 @@ class FluxgateProtocol(HttpToolsProtocol):
         if self._discard_timer is not None:
             self._discard_timer.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.link.flow is not None:
+            self.link.flow.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.link.flow is not None:
+            self.link.flow.resume()
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
@@ -376,4 +431,5 @@ def _closing_if_answered_before_continue(
             cycle.keep_alive = False
         await send(message)
 
+    closing_send.cycle = cycle  # type: ignore[attr-defined]  # for `client_body`
     return closing_send

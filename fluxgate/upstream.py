@@ -6,6 +6,10 @@ proxy unfaithful (docs/architecture.md, "Library traps"), so none of it is used:
 through aiohttp's connector, `ClientRequest` and `ClientResponse` directly
 (`UpstreamClient`), with nothing added and nothing decoded. The mapping from
 client exceptions to the statuses of README "Request handling", step 10 lives beside it.
+
+A response body can also be taken from aiohttp chunk by chunk, in the
+callback that parses it (`stream_body`): the relay (fluxgate.relay) writes
+each chunk to the client there, with no task woken per chunk.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import asyncio
 import functools
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -88,6 +93,8 @@ class _RelayResponseHandler(ResponseHandler):
     """
 
     idle = False  # the last response has ended and no exchange is running
+    # A body handed to a sink (`stream_body`): its reader, and the sink.
+    streaming: tuple[StreamReader, BodySink] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
@@ -96,6 +103,104 @@ class _RelayResponseHandler(ResponseHandler):
 
     def went_idle(self) -> None:
         self.idle = True
+
+
+class BodySink(Protocol):
+    """Where `stream_body` hands a response body: called from aiohttp's parser."""
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def ended(self, error: BaseException | None) -> None:
+        """The body ended (None) or failed (aiohttp's error); called once."""
+
+
+class _StreamedReader(StreamReader):
+    """A response body's reader whose chunks go to a sink rather than to a buffer.
+
+    `stream_body` gives a response's reader this class once its buffered
+    chunks are taken, and binds the sink on the connection's protocol to this
+    reader: a reader called after its exchange (aiohttp's `release` marks it
+    closed, even after its end) finds another reader's binding there, or none,
+    and behaves as aiohttp's own. No slots of its own: the class of an object
+    made by aiohttp's parser can only be swapped for one with its layout.
+    """
+
+    __slots__ = ()
+
+    # Each chunk's path: the binding is read inline, not through `_sink`.
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        bound = self._protocol.streaming  # type: ignore[attr-defined]
+        if bound is None or bound[0] is not self:
+            return super().feed_data(data, size)
+        if data:
+            bound[1].chunk(data)
+        return False
+
+    # A sink keeps no chunk: nothing to count the HTTP chunks of (aiohttp pauses
+    # reading after enough of them when they are buffered).
+    def begin_http_chunk_receiving(self) -> None:
+        bound = self._protocol.streaming  # type: ignore[attr-defined]
+        if bound is None or bound[0] is not self:
+            super().begin_http_chunk_receiving()
+
+    def end_http_chunk_receiving(self) -> None:
+        bound = self._protocol.streaming  # type: ignore[attr-defined]
+        if bound is None or bound[0] is not self:
+            super().end_http_chunk_receiving()
+
+    def _sink(self) -> BodySink | None:
+        bound = cast(_RelayResponseHandler, self._protocol).streaming
+        return bound[1] if bound is not None and bound[0] is self else None
+
+    def feed_eof(self) -> None:
+        sink = self._unbind()
+        super().feed_eof()  # its callbacks put the connection back in the pool
+        if sink is not None:
+            sink.ended(None)
+
+    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
+        sink = self._unbind()
+        super().set_exception(exc, *args, **kwargs)
+        if sink is not None:
+            sink.ended(exc)
+
+    def _unbind(self) -> BodySink | None:
+        sink = self._sink()
+        if sink is not None:
+            cast(_RelayResponseHandler, self._protocol).streaming = None
+        return sink
+
+
+def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHandler | None:
+    """Hand the rest of `response`'s body to `sink` as aiohttp parses it.
+
+    What is already buffered goes to `sink.chunk` at once. Returns the
+    connection's protocol, whose `pause_reading` and `resume_reading` hold
+    the upstream back while the client cannot take more; or None when the
+    body had already ended (`sink.ended` has been called). Until it ends,
+    `unstream_body` must undo it when the caller stops listening.
+    """
+    content = response.content
+    error = content.exception()
+    if error is None and (buffered := content.read_nowait()):
+        sink.chunk(buffered)
+    connection = response.connection
+    if error is not None or content.is_eof() or connection is None:
+        sink.ended(error)
+        return None
+    protocol = connection.protocol
+    assert isinstance(protocol, _RelayResponseHandler)
+    content.__class__ = _StreamedReader
+    protocol.streaming = (content, sink)
+    return protocol
+
+
+def unstream_body(protocol: ResponseHandler, sink: BodySink) -> None:
+    """`sink` hears no more of the body `stream_body` handed it (if it had not ended)."""
+    assert isinstance(protocol, _RelayResponseHandler)
+    if protocol.streaming is not None and protocol.streaming[1] is sink:
+        protocol.streaming = None
 
 
 def _relay_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:

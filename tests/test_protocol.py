@@ -23,7 +23,7 @@ from uvicorn.server import ServerState
 import fluxgate.protocol
 from fluxgate.exchange import EXCHANGE_SCOPE_KEY
 from fluxgate.limits import ConnectionGate, ConnectionTable
-from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
+from fluxgate.protocol import MAX_HEAD_BYTES, ClientBody, FluxgateProtocol, client_body
 
 GET = b"GET /openai/v1/models HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
@@ -610,3 +610,118 @@ def test_bad_chunk_after_an_early_complete_answer_writes_nothing_more(conn: Conn
     conn.feed(b"zz\r\n")
     assert conn.transport.buffer == written
     assert conn.transport.is_closing()
+
+
+# A relayed body written straight to the transport (fluxgate.relay's path)
+
+CHUNKS = (b"data: 1\n\n", b"", b"data: 22\n\n")
+
+
+def relaying_app(headers: list[tuple[bytes, bytes]], direct: bool) -> Any:
+    """Sends `CHUNKS` between a head and an end sent through `send`: each
+    through `send` too, or through the `ClientBody` the relay uses."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = client_body(send) if direct else None
+        for chunk in CHUNKS:
+            if direct and chunk:
+                assert body is not None
+                body.write(chunk)
+            elif not direct:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("request_head", "headers"),
+    [
+        (GET, []),  # no length: chunked
+        (GET, [(b"transfer-encoding", b"chunked")]),
+        (GET, [(b"content-length", b"19")]),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n", [(b"content-length", b"19")]),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+            [],
+        ),
+    ],
+    ids=["chunked by uvicorn", "chunked upstream", "content-length", "HEAD", "expect 100"],
+)
+def test_a_relayed_body_goes_out_byte_for_byte_as_sends_would_write_it(
+    loop: asyncio.AbstractEventLoop, request_head: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    wire = []
+    for direct in (False, True):
+        conn = Connection(loop, gate=None, app=relaying_app(headers, direct)).feed(request_head)
+        wire.append(conn.transport.buffer)
+        assert not conn.transport.is_closing()  # complete: the connection is kept
+        conn.lose()
+    assert wire[0] == wire[1]
+    assert wire[0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_relayed_body_writes_nothing_once_the_client_is_gone(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    bodies: list[ClientBody] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        body = client_body(send)
+        assert body is not None
+        body.write(b"first")
+        bodies.append(body)
+
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    written = conn.transport.buffer
+    assert written.endswith(b"5\r\nfirst\r\n")
+    conn.transport.close()
+    conn.lose()
+    bodies[0].write(b"late")  # MockTransport asserts on a write after close
+    assert conn.transport.buffer == written
+
+
+class FlowRecorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+def test_a_full_client_buffer_pauses_the_running_relay_and_a_drained_one_resumes_it(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    paused: list[bool] = []
+    later = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        body = client_body(send)
+        assert body is not None
+        paused.append(body.paused)
+        await later.wait()
+        paused.append(body.paused)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    flow = FlowRecorder()
+    conn.protocol.link.flow = flow
+    conn.protocol.pause_writing()  # what the transport calls over its high-water mark
+    later.set()
+    conn.settle()
+    assert (paused, flow.calls) == ([False, True], ["pause"])
+    conn.protocol.resume_writing()
+    assert flow.calls == ["pause", "resume"]
+    conn.protocol.link.flow = None  # the relay has ended
+    conn.protocol.pause_writing()
+    assert flow.calls == ["pause", "resume"]
+    conn.protocol.resume_writing()
+    conn.settle()
+    assert conn.transport.buffer.endswith(b"0\r\n\r\n")
+    conn.lose()

@@ -1,0 +1,123 @@
+"""A response body on its way to the client, chunk by chunk, in the callback that parses it.
+
+README "Request handling", step 9. Once the response head has gone out
+through uvicorn's `send`, each body chunk aiohttp parses from the upstream
+socket is written to the client socket in the same callback (`BodyRelay`):
+no reader buffer, no task woken, no ASGI message per chunk. A long stream
+of small events is what a gateway mostly carries, and that per-chunk
+machinery was most of its CPU per event (bench/design.md).
+
+Flow control runs both ways through the same callbacks: when the client's
+socket buffer fills, the upstream connection stops being read (aiohttp's
+parser pauses mid-buffer) until it drains. The token-usage tap and the idle
+deadline see every chunk as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from .exchange import ClientLink, Exchange
+from .protocol import client_body
+from .upstream import stream_body, unstream_body
+
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
+
+    from .protocol import ClientBody
+    from .usage import Tap
+
+
+class BodyRelay:
+    """One response body between aiohttp's parser (a `BodySink`, fluxgate.upstream)
+    and the client's transport (a `Flow`, fluxgate.exchange)."""
+
+    __slots__ = ("_beat", "_client", "_done", "_ex", "_paused", "_tap", "_upstream", "error")
+
+    def __init__(
+        self,
+        client: ClientBody,
+        ex: Exchange,
+        tap: Tap | None,
+        beat: Callable[[], None] | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._client, self._ex, self._tap, self._beat = client, ex, tap, beat
+        self._done = loop.create_future()
+        self._upstream: ResponseHandler | None = None
+        self._paused = False
+        self.error: BaseException | None = None  # how the body failed, once ended
+
+    # From the upstream's parser
+
+    def chunk(self, data: bytes) -> None:
+        self._ex.response_bytes += len(data)
+        self._client.write(data)
+        if self._tap is not None:
+            self._tap.feed(data)
+        if self._beat is not None:
+            self._beat()
+
+    def ended(self, error: BaseException | None) -> None:
+        # A result, never an exception, on the future: a relay cancelled after
+        # the body failed would leave it unretrieved, which asyncio logs.
+        self.error = error
+        if not self._done.done():
+            self._done.set_result(None)
+
+    # From the client's protocol
+
+    def pause(self) -> None:
+        if self._upstream is not None and not self._paused:
+            self._paused = True
+            self._upstream.pause_reading()
+
+    def resume(self) -> None:
+        if self._upstream is not None and self._paused:
+            self._paused = False
+            self._upstream.resume_reading()
+
+    async def run(self, response: aiohttp.ClientResponse, link: ClientLink) -> None:
+        """Until the body has ended; raises how it failed (aiohttp's error)."""
+        upstream = stream_body(response, self)
+        if upstream is not None:
+            self._upstream = upstream
+            link.flow = self
+            if self._client.paused:  # already, or by the chunks that were buffered
+                self.pause()
+            try:
+                await self._done
+            finally:
+                link.flow = None
+                unstream_body(upstream, self)
+                self._upstream = None
+        if self.error is not None:
+            raise self.error
+
+
+async def relay_body(
+    response: aiohttp.ClientResponse,
+    send: Any,
+    link: ClientLink,
+    ex: Exchange,
+    tap: Tap | None,
+    beat: Callable[[], None] | None,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The body of `response`, whose head `send` has sent, up to its end (not
+    included: the caller sends it). Raises aiohttp's error if the body fails."""
+    client = client_body(send)
+    if client is not None:
+        await BodyRelay(client, ex, tap, beat, loop).run(response, link)
+        return
+    async for chunk in response.content.iter_any():  # another server than ours (tests)
+        ex.response_bytes += len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if tap is not None:
+            tap.feed(chunk)
+        if beat is not None:
+            beat()

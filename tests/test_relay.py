@@ -1,0 +1,216 @@
+"""A response body handed to a sink as aiohttp parses it (fluxgate.upstream `stream_body`).
+
+The relay (fluxgate.relay) writes each chunk to the client in the callback
+that parsed it. These tests drive `UpstreamClient` against a scripted
+upstream on a real socket, in one event loop, and record what the sink is
+told: every byte in order (what aiohttp had buffered first), one end, and
+nothing that belongs to another exchange on the same pooled connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from fluxgate.upstream import UpstreamClient, stream_body, unstream_body
+
+Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.ends: list[BaseException | None] = []
+        self.done = asyncio.Event()
+
+    def chunk(self, data: bytes) -> None:
+        assert not self.ends, "a chunk after the end"
+        self.chunks.append(data)
+
+    def ended(self, error: BaseException | None) -> None:
+        self.ends.append(error)
+        self.done.set()
+
+
+class ScriptedUpstream:
+    """Answers the n-th request of the server with `scripts[n]`, on one keep-alive
+    connection or several; closes a connection when a script ends with b""."""
+
+    def __init__(self, *scripts: list[Step]) -> None:
+        self.scripts = list(scripts)
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> URL:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return URL(f"http://127.0.0.1:{port}/x")
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.scripts:
+                await reader.readuntil(b"\r\n\r\n")
+                for step in self.scripts.pop(0):
+                    if isinstance(step, asyncio.Event):
+                        await step.wait()
+                    elif step == b"":
+                        return
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 10))
+
+
+async def get(client: UpstreamClient, url: URL) -> aiohttp.ClientResponse:
+    return await client.request("GET", url, [("Host", url.host or "")], None, 5.0)
+
+
+HEAD_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+HEAD_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "parts", "end"),
+    [
+        (HEAD_CHUNKED, [b"4\r\naaaa\r\n", b"4\r\nbbbb\r\n", b"4\r\ncccc\r\n"], b"0\r\n\r\n"),
+        (HEAD_LENGTH, [b"aaaa", b"bbbb", b"cccc"], b""),
+    ],
+    ids=["chunked", "content-length"],
+)
+def test_the_body_reaches_the_sink_in_order_what_was_buffered_first(
+    head: bytes, parts: list[bytes], end: bytes
+) -> None:
+    async def test() -> None:
+        more = asyncio.Event()
+        script: list[Step] = [head + parts[0], more, parts[1], parts[2] + end]
+        async with ScriptedUpstream(script) as url:
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                while response.content.total_bytes < 4:  # parsed into aiohttp's buffer
+                    await asyncio.sleep(0.01)
+                sink = Sink()
+                protocol = stream_body(response, sink)
+                assert protocol is not None
+                assert sink.chunks == [b"aaaa"]  # the buffered chunk, at once
+                more.set()
+                await sink.done.wait()
+                assert b"".join(sink.chunks) == b"aaaabbbbcccc"
+                assert sink.ends == [None]
+                response.release()
+            finally:
+                await client.close()
+
+    run(test)
+
+
+def test_a_body_that_ended_before_it_was_streamed_ends_the_sink_at_once() -> None:
+    async def test() -> None:
+        async with ScriptedUpstream([HEAD_LENGTH + b"aaaabbbbcccc"]) as url:
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                await response.content.wait_eof()
+                sink = Sink()
+                assert stream_body(response, sink) is None
+                assert (sink.chunks, sink.ends) == ([b"aaaabbbbcccc"], [None])
+            finally:
+                await client.close()
+
+    run(test)
+
+
+def test_a_body_cut_short_ends_the_sink_with_aiohttps_error() -> None:
+    async def test() -> None:
+        more = asyncio.Event()
+        async with ScriptedUpstream([HEAD_LENGTH + b"aaaa", more, b""]) as url:
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                sink = Sink()
+                assert stream_body(response, sink) is not None
+                more.set()  # the upstream closes after 4 of 12 bytes
+                await sink.done.wait()
+                [error] = sink.ends
+                assert isinstance(error, aiohttp.ClientPayloadError)
+                assert b"".join(sink.chunks) == b"aaaa"
+                response.close()
+            finally:
+                await client.close()
+
+    run(test)
+
+
+def test_a_released_response_does_not_reach_the_sink_of_the_next_exchange_on_its_connection() -> (
+    None
+):
+    # aiohttp's `release` marks a response's reader closed even after its end;
+    # by then its connection may carry the next exchange, streamed to another sink.
+    async def test() -> None:
+        first_rest, second_rest = asyncio.Event(), asyncio.Event()
+        first: list[Step] = [HEAD_LENGTH, first_rest, b"aaaabbbbcccc"]
+        second: list[Step] = [HEAD_LENGTH + b"dddd", second_rest, b"eeeeffff"]
+        upstream = ScriptedUpstream(first, second)
+        async with upstream as url:
+            client = UpstreamClient()
+            try:
+                response1 = await get(client, url)
+                sink1 = Sink()
+                protocol1 = stream_body(response1, sink1)
+                first_rest.set()
+                await sink1.done.wait()
+                response2 = await get(client, url)
+                sink2 = Sink()
+                protocol2 = stream_body(response2, sink2)
+                assert protocol2 is not None and protocol2 is protocol1  # the pooled connection
+                response1.release()
+                assert sink2.ends == []
+                second_rest.set()
+                await sink2.done.wait()
+                assert (b"".join(sink2.chunks), sink2.ends) == (b"ddddeeeeffff", [None])
+                assert upstream.connections == 1
+                response2.release()
+            finally:
+                await client.close()
+
+    run(test)
+
+
+def test_a_sink_unbound_before_the_end_hears_nothing_more() -> None:
+    async def test() -> None:
+        more = asyncio.Event()
+        async with ScriptedUpstream([HEAD_LENGTH + b"aaaa", more, b"bbbbcccc"]) as url:
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                sink = Sink()
+                protocol = stream_body(response, sink)
+                assert protocol is not None
+                unstream_body(protocol, sink)  # the relay was cancelled
+                more.set()
+                await response.content.wait_eof()  # the rest went to aiohttp's own buffer
+                assert (sink.chunks, sink.ends) == ([b"aaaa"], [])
+                assert await response.content.read() == b"bbbbcccc"
+                response.release()
+            finally:
+                await client.close()
+
+    run(test)
