@@ -23,7 +23,7 @@ import aiohttp
 
 from .exchange import ClientLink, Exchange
 from .protocol import client_body
-from .upstream import stream_body, unstream_body
+from .upstream import stream_body, streamable, unstream_body
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler
@@ -111,10 +111,11 @@ async def relay_body(
     """The body of `response`, whose head `send` has sent, up to its end (not
     included: the caller sends it). Raises aiohttp's error if the body fails."""
     client = client_body(send)
-    if client is not None:
+    if client is not None and streamable(response):
         await BodyRelay(client, ex, tap, beat, loop).run(response, link)
         return
-    async for chunk in response.content.iter_any():  # another server than ours (tests)
+    # Another server than ours (tests), or a reader of another kind: through `send`.
+    async for chunk in response.content.iter_any():
         ex.response_bytes += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if tap is not None:

@@ -172,6 +172,13 @@ class _StreamedReader(StreamReader):
         return sink
 
 
+def streamable(response: aiohttp.ClientResponse) -> bool:
+    """Whether `stream_body` can take this response's body: its reader is
+    aiohttp's plain one (a HEAD's or a bodiless answer's is not, nor would
+    be a reader of another kind in a later aiohttp: read those as usual)."""
+    return type(response.content) is StreamReader
+
+
 def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHandler | None:
     """Hand the rest of `response`'s body to `sink` as aiohttp parses it.
 
@@ -182,6 +189,7 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
     `unstream_body` must undo it when the caller stops listening.
     """
     content = response.content
+    assert type(content) is StreamReader, "not streamable"
     error = content.exception()
     if error is None and (buffered := content.read_nowait()):
         sink.chunk(buffered)

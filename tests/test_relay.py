@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from fluxgate.upstream import UpstreamClient, stream_body, unstream_body
+from fluxgate.upstream import UpstreamClient, stream_body, streamable, unstream_body
 
 Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
 
@@ -107,6 +107,7 @@ def test_the_body_reaches_the_sink_in_order_what_was_buffered_first(
                 response = await get(client, url)
                 while response.content.total_bytes < 4:  # parsed into aiohttp's buffer
                     await asyncio.sleep(0.01)
+                assert streamable(response)  # what the relay checks: aiohttp's own reader
                 sink = Sink()
                 protocol = stream_body(response, sink)
                 assert protocol is not None
