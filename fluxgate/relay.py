@@ -36,7 +36,9 @@ class BodyRelay:
     """One response body between aiohttp's parser (a `BodySink`, fluxgate.upstream)
     and the client's transport (a `Flow`, fluxgate.exchange)."""
 
-    __slots__ = ("_beat", "_client", "_done", "_ex", "_paused", "_tap", "_upstream", "error")
+    __slots__ = (
+        "_beat", "_client", "_done", "_ex", "_loop", "_paused", "_tap", "_upstream", "error"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -47,7 +49,8 @@ class BodyRelay:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._client, self._ex, self._tap, self._beat = client, ex, tap, beat
-        self._done = loop.create_future()
+        self._loop = loop
+        self._done: asyncio.Future[None] | None = None  # made only for a body still to come
         self._upstream: ResponseHandler | None = None
         self._paused = False
         self.error: BaseException | None = None  # how the body failed, once ended
@@ -66,7 +69,7 @@ class BodyRelay:
         # A result, never an exception, on the future: a relay cancelled after
         # the body failed would leave it unretrieved, which asyncio logs.
         self.error = error
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
     # From the client's protocol
@@ -86,6 +89,7 @@ class BodyRelay:
         upstream = stream_body(response, self)
         if upstream is not None:
             self._upstream = upstream
+            self._done = self._loop.create_future()
             link.flow = self
             if self._client.paused:  # already, or by the chunks that were buffered
                 self.pause()
