@@ -133,13 +133,18 @@ class ClientBody:
         return self._cycle.flow.write_paused
 
     def write(self, chunk: bytes) -> None:
-        if self._discard or self._transport.is_closing():
+        if self._discard:
             return
         if self._chunked:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         else:
+            # Counted even when not written: a client that hung up closes the
+            # transport a loop turn before uvicorn hears of it, and `send`'s end
+            # would meanwhile find the body short of its Content-Length.
             self._cycle.expected_content_length -= len(chunk)
-            self._transport.write(chunk)
+            data = chunk
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
 
 def client_body(send: Any) -> ClientBody | None:
