@@ -1,11 +1,12 @@
 """A response body on its way to the client, chunk by chunk, in the callback that parses it.
 
 README "Request handling", step 9. Once the response head has gone out
-through uvicorn's `send`, each body chunk aiohttp parses from the upstream
-socket is written to the client socket in the same callback (`BodyRelay`):
-no reader buffer, no task woken, no ASGI message per chunk. A long stream
-of small events is what a gateway mostly carries, and that per-chunk
-machinery was most of its CPU per event (bench/design.md).
+through uvicorn's `send`, the body chunks aiohttp parses from one read of
+the upstream socket are written to the client socket in the same callback,
+in one write (`BodyRelay`): no reader buffer, no task woken, no ASGI
+message per chunk. A long stream of small events is what a gateway mostly
+carries, and that per-chunk machinery was most of its CPU per event
+(bench/design.md).
 
 Flow control runs both ways through the same callbacks: when the client's
 socket buffer fills, the upstream connection stops being read (aiohttp's
@@ -37,7 +38,8 @@ class BodyRelay:
     and the client's transport (a `Flow`, fluxgate.exchange)."""
 
     __slots__ = (
-        "_beat", "_client", "_done", "_ex", "_loop", "_paused", "_tap", "_upstream", "error"
+        "_beat", "_client", "_done", "_ex", "_loop", "_paused", "_pending", "_tap", "_upstream",
+        "error",
     )  # fmt: skip
 
     def __init__(
@@ -53,19 +55,27 @@ class BodyRelay:
         self._done: asyncio.Future[None] | None = None  # made only for a body still to come
         self._upstream: ResponseHandler | None = None
         self._paused = False
+        self._pending: list[bytes] = []  # the chunks of the current upstream read
         self.error: BaseException | None = None  # how the body failed, once ended
 
     # From the upstream's parser
 
     def chunk(self, data: bytes) -> None:
         self._ex.response_bytes += len(data)
-        self._client.write(data)
+        self._pending.append(data)
         if self._tap is not None:
             self._tap.feed(data)
         if self._beat is not None:
             self._beat()
 
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            self._client.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending.clear()
+
     def ended(self, error: BaseException | None) -> None:
+        self.flush()
         # A result, never an exception, on the future: a relay cancelled after
         # the body failed would leave it unretrieved, which asyncio logs.
         self.error = error

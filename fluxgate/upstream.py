@@ -100,6 +100,8 @@ class _RelayResponseHandler(ResponseHandler):
         if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
             self.force_close()
         super().data_received(data)
+        if self.streaming is not None:  # what this read held has been parsed
+            self.streaming[1].flush()
 
     def went_idle(self) -> None:
         self.idle = True
@@ -110,8 +112,16 @@ class BodySink(Protocol):
 
     def chunk(self, data: bytes) -> None: ...
 
+    def flush(self) -> None:
+        """The chunks of one read from the upstream have all been handed over.
+
+        One read may hold many chunks (a hostile upstream's thousands of
+        one-byte ones): a sink that writes them out together here makes one
+        write to the client per read from the upstream, as nginx does."""
+
     def ended(self, error: BaseException | None) -> None:
-        """The body ended (None) or failed (aiohttp's error); called once."""
+        """The body ended (None) or failed (aiohttp's error); called once, the
+        chunks before it flushed or not."""
 
 
 class _StreamedReader(StreamReader):
@@ -182,7 +192,7 @@ def streamable(response: aiohttp.ClientResponse) -> bool:
 def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHandler | None:
     """Hand the rest of `response`'s body to `sink` as aiohttp parses it.
 
-    What is already buffered goes to `sink.chunk` at once. Returns the
+    What is already buffered goes to `sink.chunk` (and `flush`) at once. Returns the
     connection's protocol, whose `pause_reading` and `resume_reading` hold
     the upstream back while the client cannot take more; or None when the
     body had already ended (`sink.ended` has been called). Until it ends,
@@ -193,6 +203,7 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
     error = content.exception()
     if error is None and (buffered := content.read_nowait()):
         sink.chunk(buffered)
+        sink.flush()
     connection = response.connection
     if error is not None or content.is_eof() or connection is None:
         sink.ended(error)

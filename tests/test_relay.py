@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from fluxgate.exchange import ClientLink, Exchange
+from fluxgate.relay import BodyRelay
 from fluxgate.upstream import UpstreamClient, stream_body, streamable, unstream_body
 
 Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
@@ -25,11 +27,15 @@ class Sink:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.ends: list[BaseException | None] = []
+        self.flushes = 0
         self.done = asyncio.Event()
 
     def chunk(self, data: bytes) -> None:
         assert not self.ends, "a chunk after the end"
         self.chunks.append(data)
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def ended(self, error: BaseException | None) -> None:
         self.ends.append(error)
@@ -210,6 +216,43 @@ def test_a_sink_unbound_before_the_end_hears_nothing_more() -> None:
                 await response.content.wait_eof()  # the rest went to aiohttp's own buffer
                 assert (sink.chunks, sink.ends) == ([b"aaaa"], [])
                 assert await response.content.read() == b"bbbbcccc"
+                response.release()
+            finally:
+                await client.close()
+
+    run(test)
+
+
+class ClientRecorder:
+    """What the relay writes to the client (a `ClientBody`'s interface)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+def test_a_burst_of_tiny_chunks_goes_to_the_client_in_one_write_per_upstream_read() -> None:
+    # A hostile upstream's thousands of one-byte chunks in one packet must not
+    # cost a system call each on the client's side.
+    async def test() -> None:
+        burst = b"1\r\nx\r\n" * 2000
+        more = asyncio.Event()
+        async with ScriptedUpstream([HEAD_CHUNKED, more, burst + b"0\r\n\r\n"]) as url:
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                out = ClientRecorder()
+                loop = asyncio.get_running_loop()
+                relay = BodyRelay(out, Exchange(), None, None, loop)  # type: ignore[arg-type]
+                running = asyncio.ensure_future(relay.run(response, ClientLink()))
+                await asyncio.sleep(0)  # bound to the reader now
+                more.set()
+                await running
+                assert b"".join(out.writes) == b"x" * 2000
+                assert len(out.writes) <= 3  # one per read of the upstream's socket
                 response.release()
             finally:
                 await client.close()
