@@ -155,24 +155,34 @@ class Tap:
 
 
 class SseTap(Tap):
-    __slots__ = ("_raw", "_skipping", "_tail")
+    __slots__ = ("_raw", "_skipping", "_tail", "_tail_size")
     active = True
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt, NOT_REPORTED)
         self._raw: dict[str, Any] = {}
-        self._tail = b""  # the current line's bytes so far (no newline yet)
+        # The current line's pieces so far (no newline yet), kept by reference and
+        # joined once its newline comes: a line fed in many small chunks is copied
+        # once, not once per chunk.
+        self._tail: list[bytes] = []
+        self._tail_size = 0
         self._skipping = False  # inside a line longer than MAX_BUFFER: dropped
 
     def feed(self, chunk: bytes) -> None:
-        data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n")
+        end = chunk.rfind(b"\n")
         if end < 0:
-            if self._skipping or len(data) > MAX_BUFFER:
-                self._skipping, self._tail = True, b""
-            else:
-                self._tail = data
+            if not self._skipping:
+                self._tail_size += len(chunk)
+                if self._tail_size > MAX_BUFFER:
+                    self._skipping, self._tail, self._tail_size = True, [], 0
+                else:
+                    self._tail.append(chunk)
             return
+        data = chunk
+        if self._tail:
+            data = b"".join((*self._tail, chunk))
+            end += self._tail_size
+            self._tail, self._tail_size = [], 0
         start = 0
         if self._skipping:  # the first newline ends the line being dropped
             start = data.find(b"\n") + 1
@@ -180,7 +190,8 @@ class SseTap(Tap):
         tail = data[end + 1 :]
         if len(tail) > MAX_BUFFER:
             self._skipping, tail = True, b""
-        self._tail = tail
+        if tail:
+            self._tail, self._tail_size = [tail], len(tail)
         if start <= end and data.find(_USAGE, start, end) >= 0:
             self._lines(data[start:end].split(b"\n"))
 
@@ -197,7 +208,8 @@ class SseTap(Tap):
 
     def result(self) -> Usage | None:
         if self._tail:  # a last line the stream did not end with a newline
-            tail, self._tail = self._tail, b""
+            tail = b"".join(self._tail)
+            self._tail, self._tail_size = [], 0
             if _USAGE in tail:
                 self._lines([tail])
         if not self._raw:

@@ -162,9 +162,23 @@ def test_an_sse_line_longer_than_the_bound_is_dropped_without_growing() -> None:
     tap.feed(b'data: {"usage":{"prompt_tokens":1},"pad":"')
     for _ in range(3 * MAX_BUFFER // 65536):
         tap.feed(b"x" * 65536)
-        assert len(tap._tail) <= MAX_BUFFER
+        assert sum(map(len, tap._tail)) <= MAX_BUFFER
     tap.feed(b'"}\n\ndata: {"usage":{"prompt_tokens":5,"completion_tokens":6}}\n\n')
     assert tap.result() == Usage(5, 6)
+
+
+def test_an_sse_line_fed_byte_by_byte_is_found_and_its_pieces_are_not_copied_meanwhile() -> None:
+    # The relay feeds the tap every chunk as parsed: a hostile upstream's line in
+    # one-byte chunks must not be copied whole at each byte (quadratic time).
+    tap = open_tap("openai", 200, SSE)
+    assert isinstance(tap, SseTap)
+    line = b'data: {"usage":{"prompt_tokens":7,"completion_tokens":8}}'
+    pieces = [line[i : i + 1] for i in range(len(line))]
+    for piece in pieces:
+        tap.feed(piece)
+    assert all(kept is piece for kept, piece in zip(tap._tail, pieces, strict=True))
+    tap.feed(b"\n\n")
+    assert tap.result() == Usage(7, 8)
 
 
 def test_a_json_body_is_parsed_once_whatever_the_chunking() -> None:
