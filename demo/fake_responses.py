@@ -516,10 +516,22 @@ async def _close_early(req: RecordedRequest, out: Reply) -> bool:
     return False  # FIN after 10 of the promised 100 bytes
 
 
+async def _bad_chunk_mid_body(req: RecordedRequest, out: Reply) -> bool:
+    hdrs = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+    await out.write(head(200, hdrs) + b"e\r\ndata: event 1\n\r\n")
+    await asyncio.sleep(0.05)  # the good chunk first, on its own
+    await out.write(b"zz\r\nnot a chunk\r\n")
+    await asyncio.sleep(BAD_CHUNK_HOLD_S)  # and the connection held open after it
+    return False
+
+
 async def _hang_up_next(req: RecordedRequest, out: Reply) -> bool:
     out.hang_up_next = True
     return await out.send_json({"next_request": "hung up"})
 
+
+#: How long /bad-chunk-mid-body holds its connection open after the malformed chunk.
+BAD_CHUNK_HOLD_S = 10.0
 
 #: What /stray writes, unasked, on the connection some time after its answer.
 STRAY_BODY = b'{"stray": "a response nobody asked for"}'
@@ -575,6 +587,7 @@ EXACT_ROUTES: dict[str, Handler] = {
     "/reset-mid-body": _reset_mid_body,
     "/garbage": _garbage,
     "/close-early": _close_early,
+    "/bad-chunk-mid-body": _bad_chunk_mid_body,
     "/hang-up-next": _hang_up_next,
     "/stray": _stray,
     "/ignores-body": _ignores_body,

@@ -103,6 +103,16 @@ class _RelayResponseHandler(ResponseHandler):
         if self.streaming is not None:  # what this read held has been parsed
             self.streaming[1].flush()
 
+    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
+        super().set_exception(exc, *args, **kwargs)
+        # aiohttp puts a body that fails to parse (a malformed chunk) on the
+        # protocol but not on the body's reader, and closing the transport then
+        # tells it nothing either: its reader, or the relay's sink, would wait
+        # for the rest until a deadline. It fails now, as a cut body.
+        payload = self._payload
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            payload.set_exception(aiohttp.ClientPayloadError("malformed response body"))
+
     def went_idle(self) -> None:
         self.idle = True
 

@@ -166,6 +166,29 @@ def test_a_body_cut_short_ends_the_sink_with_aiohttps_error() -> None:
     run(test)
 
 
+def test_a_malformed_chunk_mid_body_ends_the_sink_with_aiohttps_error() -> None:
+    # aiohttp itself tells the body's reader nothing of it (fluxgate.upstream).
+    async def test() -> None:
+        more = asyncio.Event()
+        script: list[Step] = [HEAD_CHUNKED + b"4\r\naaaa\r\n", more, b"zz\r\nxx\r\n"]
+        async with ScriptedUpstream(script) as url:  # the connection then stays open
+            client = UpstreamClient()
+            try:
+                response = await get(client, url)
+                sink = Sink()
+                assert stream_body(response, sink) is not None
+                more.set()
+                await sink.done.wait()
+                [error] = sink.ends
+                assert isinstance(error, aiohttp.ClientPayloadError)
+                assert b"".join(sink.chunks) == b"aaaa"
+                response.close()
+            finally:
+                await client.close()
+
+    run(test)
+
+
 def test_a_released_response_does_not_reach_the_sink_of_the_next_exchange_on_its_connection() -> (
     None
 ):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from demo.fake_responses import BAD_CHUNK_HOLD_S
 from demo.fake_upstream import FakeUpstreamThread
 from tests import rawhttp
 from tests.conftest import CLIENT_KEY, OPENAI_KEY, SECRETS, proxy_config
@@ -281,6 +282,22 @@ def test_upstream_closing_mid_body_cuts_the_client_connection(
         assert not resp.complete
         assert len(resp.body) == sent
         assert conn.at_eof()
+
+
+def test_a_malformed_chunk_mid_body_cuts_the_client_connection_at_once(sup: Supervisor) -> None:
+    # The upstream keeps its connection open after the bad chunk: the body must
+    # fail there and then, not wait for a deadline or for the upstream to close.
+    mark = sup.mark()
+    started = time.monotonic()
+    with rawhttp.Conn(sup.port) as conn:
+        resp = conn.request("GET", "/openai/bad-chunk-mid-body", headers(sup))
+        assert resp.status == 200
+        assert not resp.complete
+        assert resp.body == b"data: event 1\n"
+        assert conn.at_eof()
+    assert time.monotonic() - started < BAD_CHUNK_HOLD_S / 2
+    line = request_line(sup, "/openai/bad-chunk-mid-body", mark)
+    assert "outcome=upstream_body_error" in line
 
 
 @pytest.mark.parametrize("target", ["/openai/close-early", "/openai/reset-mid-body"])
