@@ -90,6 +90,9 @@ class _RelayResponseHandler(ResponseHandler):
     (docs/security.md). A whole queued message already shows in `should_close`; this
     flag covers a partial one, which a fresh parser would otherwise take up
     mid-message.
+
+    It also tells a streamed body's sink when a read has been parsed
+    (`stream_body`), and fails a body that does not parse.
     """
 
     idle = False  # the last response has ended and no exchange is running
@@ -111,7 +114,7 @@ class _RelayResponseHandler(ResponseHandler):
         # for the rest until a deadline. It fails now, as a cut body.
         payload = self._payload
         if payload is not None and not payload.is_eof() and payload.exception() is None:
-            payload.set_exception(aiohttp.ClientPayloadError("malformed response body"))
+            payload.set_exception(aiohttp.ClientPayloadError("response body not completed"))
 
     def went_idle(self) -> None:
         self.idle = True
