@@ -79,8 +79,17 @@ class ScriptedUpstream:
             writer.close()
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), 10))
+def run(test: Callable[[UpstreamClient], Awaitable[None]]) -> None:
+    """`test` with a worker's upstream client, in a loop of its own, within 10 s."""
+
+    async def with_client() -> None:
+        client = UpstreamClient()
+        try:
+            await test(client)
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(with_client(), 10))
 
 
 async def get(client: UpstreamClient, url: URL) -> aiohttp.ClientResponse:
@@ -104,87 +113,62 @@ HEAD_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"
 def test_the_body_reaches_the_sink_in_order_what_was_buffered_first(
     head: bytes, parts: list[bytes], end: bytes
 ) -> None:
-    async def test() -> None:
+    async def test(client: UpstreamClient) -> None:
         more = asyncio.Event()
         script: list[Step] = [head + parts[0], more, parts[1], parts[2] + end]
         async with ScriptedUpstream(script) as url:
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                while response.content.total_bytes < 4:  # parsed into aiohttp's buffer
-                    await asyncio.sleep(0.01)
-                assert streamable(response)  # what the relay checks: aiohttp's own reader
-                sink = Sink()
-                protocol = stream_body(response, sink)
-                assert protocol is not None
-                assert sink.chunks == [b"aaaa"]  # the buffered chunk, at once
-                more.set()
-                await sink.done.wait()
-                assert b"".join(sink.chunks) == b"aaaabbbbcccc"
-                assert sink.ends == [None]
-                response.release()
-            finally:
-                await client.close()
+            response = await get(client, url)
+            while response.content.total_bytes < 4:  # parsed into aiohttp's buffer
+                await asyncio.sleep(0.01)
+            assert streamable(response)  # what the relay checks: aiohttp's own reader
+            sink = Sink()
+            protocol = stream_body(response, sink)
+            assert protocol is not None
+            assert sink.chunks == [b"aaaa"]  # the buffered chunk, at once
+            more.set()
+            await sink.done.wait()
+            assert b"".join(sink.chunks) == b"aaaabbbbcccc"
+            assert sink.ends == [None]
+            response.release()
 
     run(test)
 
 
 def test_a_body_that_ended_before_it_was_streamed_ends_the_sink_at_once() -> None:
-    async def test() -> None:
+    async def test(client: UpstreamClient) -> None:
         async with ScriptedUpstream([HEAD_LENGTH + b"aaaabbbbcccc"]) as url:
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                await response.content.wait_eof()
-                sink = Sink()
-                assert stream_body(response, sink) is None
-                assert (sink.chunks, sink.ends) == ([b"aaaabbbbcccc"], [None])
-            finally:
-                await client.close()
+            response = await get(client, url)
+            await response.content.wait_eof()
+            sink = Sink()
+            assert stream_body(response, sink) is None
+            assert (sink.chunks, sink.ends) == ([b"aaaabbbbcccc"], [None])
 
     run(test)
 
 
-def test_a_body_cut_short_ends_the_sink_with_aiohttps_error() -> None:
-    async def test() -> None:
+@pytest.mark.parametrize(
+    ("first", "rest"),
+    [
+        (HEAD_LENGTH + b"aaaa", b""),  # the upstream closes after 4 of 12 bytes
+        # aiohttp itself tells the body's reader nothing of a chunk that does not
+        # parse (fluxgate.upstream); the connection then stays open.
+        (HEAD_CHUNKED + b"4\r\naaaa\r\n", b"zz\r\nxx\r\n"),
+    ],
+    ids=["cut short", "malformed chunk"],
+)
+def test_a_body_that_fails_ends_the_sink_with_aiohttps_error(first: bytes, rest: bytes) -> None:
+    async def test(client: UpstreamClient) -> None:
         more = asyncio.Event()
-        async with ScriptedUpstream([HEAD_LENGTH + b"aaaa", more, b""]) as url:
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                sink = Sink()
-                assert stream_body(response, sink) is not None
-                more.set()  # the upstream closes after 4 of 12 bytes
-                await sink.done.wait()
-                [error] = sink.ends
-                assert isinstance(error, aiohttp.ClientPayloadError)
-                assert b"".join(sink.chunks) == b"aaaa"
-                response.close()
-            finally:
-                await client.close()
-
-    run(test)
-
-
-def test_a_malformed_chunk_mid_body_ends_the_sink_with_aiohttps_error() -> None:
-    # aiohttp itself tells the body's reader nothing of it (fluxgate.upstream).
-    async def test() -> None:
-        more = asyncio.Event()
-        script: list[Step] = [HEAD_CHUNKED + b"4\r\naaaa\r\n", more, b"zz\r\nxx\r\n"]
-        async with ScriptedUpstream(script) as url:  # the connection then stays open
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                sink = Sink()
-                assert stream_body(response, sink) is not None
-                more.set()
-                await sink.done.wait()
-                [error] = sink.ends
-                assert isinstance(error, aiohttp.ClientPayloadError)
-                assert b"".join(sink.chunks) == b"aaaa"
-                response.close()
-            finally:
-                await client.close()
+        async with ScriptedUpstream([first, more, rest]) as url:
+            response = await get(client, url)
+            sink = Sink()
+            assert stream_body(response, sink) is not None
+            more.set()
+            await sink.done.wait()
+            [error] = sink.ends
+            assert isinstance(error, aiohttp.ClientPayloadError)
+            assert b"".join(sink.chunks) == b"aaaa"
+            response.close()
 
     run(test)
 
@@ -194,54 +178,46 @@ def test_a_released_response_does_not_reach_the_sink_of_the_next_exchange_on_its
 ):
     # aiohttp's `release` marks a response's reader closed even after its end;
     # by then its connection may carry the next exchange, streamed to another sink.
-    async def test() -> None:
+    async def test(client: UpstreamClient) -> None:
         first_rest, second_rest = asyncio.Event(), asyncio.Event()
         first: list[Step] = [HEAD_LENGTH, first_rest, b"aaaabbbbcccc"]
         second: list[Step] = [HEAD_LENGTH + b"dddd", second_rest, b"eeeeffff"]
         upstream = ScriptedUpstream(first, second)
         async with upstream as url:
-            client = UpstreamClient()
-            try:
-                response1 = await get(client, url)
-                sink1 = Sink()
-                protocol1 = stream_body(response1, sink1)
-                first_rest.set()
-                await sink1.done.wait()
-                response2 = await get(client, url)
-                sink2 = Sink()
-                protocol2 = stream_body(response2, sink2)
-                assert protocol2 is not None and protocol2 is protocol1  # the pooled connection
-                response1.release()
-                assert sink2.ends == []
-                second_rest.set()
-                await sink2.done.wait()
-                assert (b"".join(sink2.chunks), sink2.ends) == (b"ddddeeeeffff", [None])
-                assert upstream.connections == 1
-                response2.release()
-            finally:
-                await client.close()
+            response1 = await get(client, url)
+            sink1 = Sink()
+            protocol1 = stream_body(response1, sink1)
+            first_rest.set()
+            await sink1.done.wait()
+            response2 = await get(client, url)
+            sink2 = Sink()
+            protocol2 = stream_body(response2, sink2)
+            assert protocol2 is not None and protocol2 is protocol1  # the pooled connection
+            response1.release()
+            assert sink2.ends == []
+            second_rest.set()
+            await sink2.done.wait()
+            assert (b"".join(sink2.chunks), sink2.ends) == (b"ddddeeeeffff", [None])
+            assert upstream.connections == 1
+            response2.release()
 
     run(test)
 
 
 def test_a_sink_unbound_before_the_end_hears_nothing_more() -> None:
-    async def test() -> None:
+    async def test(client: UpstreamClient) -> None:
         more = asyncio.Event()
         async with ScriptedUpstream([HEAD_LENGTH + b"aaaa", more, b"bbbbcccc"]) as url:
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                sink = Sink()
-                protocol = stream_body(response, sink)
-                assert protocol is not None
-                unstream_body(protocol, sink)  # the relay was cancelled
-                more.set()
-                await response.content.wait_eof()  # the rest went to aiohttp's own buffer
-                assert (sink.chunks, sink.ends) == ([b"aaaa"], [])
-                assert await response.content.read() == b"bbbbcccc"
-                response.release()
-            finally:
-                await client.close()
+            response = await get(client, url)
+            sink = Sink()
+            protocol = stream_body(response, sink)
+            assert protocol is not None
+            unstream_body(protocol, sink)  # the relay was cancelled
+            more.set()
+            await response.content.wait_eof()  # the rest went to aiohttp's own buffer
+            assert (sink.chunks, sink.ends) == ([b"aaaa"], [])
+            assert await response.content.read() == b"bbbbcccc"
+            response.release()
 
     run(test)
 
@@ -260,24 +236,20 @@ class ClientRecorder:
 def test_a_burst_of_tiny_chunks_goes_to_the_client_in_one_write_per_upstream_read() -> None:
     # A hostile upstream's thousands of one-byte chunks in one packet must not
     # cost a system call each on the client's side.
-    async def test() -> None:
+    async def test(client: UpstreamClient) -> None:
         burst = b"1\r\nx\r\n" * 2000
         more = asyncio.Event()
         async with ScriptedUpstream([HEAD_CHUNKED, more, burst + b"0\r\n\r\n"]) as url:
-            client = UpstreamClient()
-            try:
-                response = await get(client, url)
-                out = ClientRecorder()
-                loop = asyncio.get_running_loop()
-                relay = BodyRelay(out, Exchange(), None, None, loop)  # type: ignore[arg-type]
-                running = asyncio.ensure_future(relay.run(response, ClientLink()))
-                await asyncio.sleep(0)  # bound to the reader now
-                more.set()
-                await running
-                assert b"".join(out.writes) == b"x" * 2000
-                assert len(out.writes) <= 3  # one per read of the upstream's socket
-                response.release()
-            finally:
-                await client.close()
+            response = await get(client, url)
+            out = ClientRecorder()
+            loop = asyncio.get_running_loop()
+            relay = BodyRelay(out, Exchange(), None, None, loop)  # type: ignore[arg-type]
+            running = asyncio.ensure_future(relay.run(response, ClientLink()))
+            await asyncio.sleep(0)  # bound to the reader now
+            more.set()
+            await running
+            assert b"".join(out.writes) == b"x" * 2000
+            assert len(out.writes) <= 3  # one per read of the upstream's socket
+            response.release()
 
     run(test)
