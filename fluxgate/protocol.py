@@ -119,11 +119,15 @@ class ClientBody:
     deciding keep-alive and completion. Made by `client_body`.
     """
 
-    __slots__ = ("_chunked", "_cycle", "_discard", "_transport")
+    __slots__ = ("_chunked", "_cycle", "_discard", "_out", "_transport")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
-        self._transport = cycle.transport
+        # The first write goes through the cycle's writer, which may hold the
+        # head to send it with it; the later ones straight to the transport.
+        self._out: Any = cycle.transport
+        writer = cycle.transport
+        self._transport = writer._transport if isinstance(writer, _ResponseWriter) else writer
         self._chunked = bool(cycle.chunked_encoding)
         self._discard = cycle.scope["method"] == "HEAD"
 
@@ -144,7 +148,8 @@ class ClientBody:
             self._cycle.expected_content_length -= len(chunk)
             data = chunk
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._out.write(data)
+            self._out = self._transport
 
 
 def client_body(send: Any) -> ClientBody | None:

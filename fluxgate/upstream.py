@@ -141,57 +141,46 @@ class _StreamedReader(StreamReader):
     """A response body's reader whose chunks go to a sink rather than to a buffer.
 
     `stream_body` gives a response's reader this class once its buffered
-    chunks are taken, and binds the sink on the connection's protocol to this
-    reader: a reader called after its exchange (aiohttp's `release` marks it
-    closed, even after its end) finds another reader's binding there, or none,
-    and behaves as aiohttp's own. No slots of its own: the class of an object
-    made by aiohttp's parser can only be swapped for one with its layout.
+    chunks are taken, and binds the sink on the connection's protocol; the
+    end, a failure or `unstream_body` give it aiohttp's class back. So a
+    reader called after its exchange (aiohttp's `release` marks it closed,
+    even after its end, when its connection may carry the next exchange) is
+    aiohttp's own again and reaches no sink. No slots of its own: the class
+    of an object made by aiohttp's parser can only be swapped for one with
+    its layout.
     """
 
     __slots__ = ()
 
-    # Each chunk's path: the binding is read inline, not through `_sink`.
-
     def feed_data(self, data: bytes, size: int = 0) -> bool:
-        bound = self._protocol.streaming  # type: ignore[attr-defined]
-        if bound is None or bound[0] is not self:
-            return super().feed_data(data, size)
         if data:
-            bound[1].chunk(data)
+            self._protocol.streaming[1].chunk(data)  # type: ignore[attr-defined]
         return False
 
-    # A sink keeps no chunk: nothing to count the HTTP chunks of (aiohttp pauses
-    # reading after enough of them when they are buffered).
+    # A sink keeps no chunk: there are no HTTP chunk boundaries to count (aiohttp
+    # pauses reading after enough of them when they are buffered).
     def begin_http_chunk_receiving(self) -> None:
-        bound = self._protocol.streaming  # type: ignore[attr-defined]
-        if bound is None or bound[0] is not self:
-            super().begin_http_chunk_receiving()
+        pass
 
     def end_http_chunk_receiving(self) -> None:
-        bound = self._protocol.streaming  # type: ignore[attr-defined]
-        if bound is None or bound[0] is not self:
-            super().end_http_chunk_receiving()
-
-    def _sink(self) -> BodySink | None:
-        bound = cast(_RelayResponseHandler, self._protocol).streaming
-        return bound[1] if bound is not None and bound[0] is self else None
+        pass
 
     def feed_eof(self) -> None:
-        sink = self._unbind()
-        super().feed_eof()  # its callbacks put the connection back in the pool
-        if sink is not None:
-            sink.ended(None)
+        sink = self._unbind()  # aiohttp's class again: no `super()` from here
+        StreamReader.feed_eof(self)  # its callbacks put the connection back in the pool
+        sink.ended(None)
 
     def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
-        sink = self._unbind()
-        super().set_exception(exc, *args, **kwargs)
-        if sink is not None:
-            sink.ended(exc)
+        sink = self._unbind()  # aiohttp's class again: no `super()` from here
+        StreamReader.set_exception(self, exc, *args, **kwargs)
+        sink.ended(exc)
 
-    def _unbind(self) -> BodySink | None:
-        sink = self._sink()
-        if sink is not None:
-            cast(_RelayResponseHandler, self._protocol).streaming = None
+    def _unbind(self) -> BodySink:
+        protocol = cast(_RelayResponseHandler, self._protocol)
+        assert protocol.streaming is not None and protocol.streaming[0] is self
+        sink = protocol.streaming[1]
+        protocol.streaming = None
+        self.__class__ = StreamReader  # type: ignore[assignment]
         return sink
 
 
@@ -232,6 +221,7 @@ def unstream_body(protocol: ResponseHandler, sink: BodySink) -> None:
     """`sink` hears no more of the body `stream_body` handed it (if it had not ended)."""
     assert isinstance(protocol, _RelayResponseHandler)
     if protocol.streaming is not None and protocol.streaming[1] is sink:
+        protocol.streaming[0].__class__ = StreamReader
         protocol.streaming = None
 
 
