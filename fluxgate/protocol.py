@@ -125,8 +125,8 @@ class ClientBody:
         self._cycle = cycle
         # The first write goes through the cycle's writer, which may hold the
         # head to send it with it; the later ones straight to the transport.
-        self._out: Any = cycle.transport
         writer = cycle.transport
+        self._out: Any = writer
         self._transport = writer._transport if isinstance(writer, _ResponseWriter) else writer
         self._chunked = bool(cycle.chunked_encoding)
         self._discard = cycle.scope["method"] == "HEAD"

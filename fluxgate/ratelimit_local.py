@@ -271,6 +271,8 @@ class LocalLimiter(Limiter):
     (seconds since the epoch) names the UTC day. Both are for tests to replace.
     """
 
+    immediate = True  # the proxy calls `admit_now`: nothing here waits
+
     def __init__(
         self,
         table: LocalTable,
@@ -287,8 +289,6 @@ class LocalLimiter(Limiter):
         self._uncounted: list[tuple[int, Callable[[], int]]] = []  # not even counted yet
         self._timer: asyncio.TimerHandle | None = None
         self._slot = slot
-
-    immediate = True
 
     def _index(self, bucket: str) -> int:
         """Under the lock."""

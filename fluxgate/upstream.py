@@ -207,9 +207,13 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
         sink.chunk(buffered)
         sink.flush()
     connection = response.connection
-    if error is not None or content.is_eof() or connection is None:
+    if error is None and not content.is_eof() and connection is None:
+        # Unfinished, yet nothing left to finish it: a cut body, never a whole one.
+        error = aiohttp.ClientPayloadError("response body not completed")
+    if error is not None or content.is_eof():
         sink.ended(error)
         return None
+    assert connection is not None
     protocol = connection.protocol
     assert isinstance(protocol, _RelayResponseHandler)
     content.__class__ = _StreamedReader
