@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import struct
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -433,10 +434,12 @@ def registry(directory: str) -> CollectorRegistry:
 
 def render(directory: str) -> bytes:
     # A worker's files can vanish between the collector's listing and its read
-    # (the master archives a dead worker's files); the next read is consistent.
+    # (the master archives a dead worker's files), or be read while their writer
+    # grows them (prometheus-client then fails to unpack, or calls the file
+    # corrupted); the next read is consistent.
     for _ in range(3):
         try:
             return generate_latest(registry(directory))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError, struct.error):
             continue
     return generate_latest(registry(directory))

@@ -119,6 +119,7 @@ class ConfigPublisher:
             data = read_config_bytes(self.path)
         except ConfigFileError as exc:
             if forced or exc.reason != self._file_error:
+                self._outcome("unreadable")  # counted before logged: the line means it is
                 log_fields(
                     log,
                     logging.WARNING,
@@ -128,7 +129,6 @@ class ConfigPublisher:
                     cause=str(exc),
                     generation=self.generation,
                 )
-                self._outcome("unreadable")
             self._file_error = exc.reason
             return None
         recovered = self._file_error is not None
@@ -150,6 +150,7 @@ class ConfigPublisher:
             loaded = parse_config_bytes(data, generation=self.generation + 1)
         except ConfigInvalid as exc:
             self._rejected_digest = digest
+            self._outcome("rejected")
             # One event, one line (journald and Loki make a record of each line).
             log_fields(
                 log,
@@ -160,7 +161,6 @@ class ConfigPublisher:
                 problems=len(exc.errors),
                 errors="; ".join(exc.errors),
             )
-            self._outcome("rejected")
             return None
         if not self._publish(loaded.config.generation, loaded.doc):
             return None
@@ -168,6 +168,7 @@ class ConfigPublisher:
         self.config, self.doc = loaded.config, loaded.doc
         self._applied_digest = digest
         self._rejected_digest = None
+        self._outcome("applied")
         log_fields(
             log,
             logging.INFO,
@@ -176,7 +177,6 @@ class ConfigPublisher:
             generation=self.generation,
             outcome="applied",
         )
-        self._outcome("applied")
         return Applied(self.config, previous)
 
     def _write(self, generation: int, doc: dict[str, Any]) -> None:

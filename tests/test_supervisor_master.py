@@ -172,7 +172,11 @@ def test_a_removed_runtime_directory_is_recreated_at_the_next_change(
     base = tmp_path / "run"
     sup = make_supervisor(proxy_config(upstream.url), env=runtime_env(base))
     (directory,) = runtime_dirs(base)
-    shutil.rmtree(directory)
+    # Moved away at once, then deleted: the workers may add a metrics file to it
+    # while a plain rmtree walks it.
+    moved = directory.with_name("removed-by-the-test")
+    directory.rename(moved)
+    shutil.rmtree(moved, ignore_errors=True)
     config = proxy_config(upstream.url)
     config["api_keys"]["static"].append({"id": "new", "key": "fg-new-key-after-rmtree"})
     mark = sup.mark()
