@@ -34,7 +34,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL = ["direct", "nginx", "passthrough", "fluxgate", "fluxgate-trace", "fluxgate-pool",
        "fluxgate-limits", "fluxgate-redis"]  # fmt: skip
 PROXIES = ["nginx", "passthrough", "fluxgate"]
-LIMITS_ROUNDS = 7  # of the paired limits phase: its spread is what the targets are near
+# The paired limits phase: a cost of a few percent against a per-round spread of
+# about ±10%, so many short rounds (pairs close in time) rather than a few long ones.
+LIMITS_ROUNDS = 15
+LIMITS_DURATION = 3.0  # s per run
 GIB = 1 << 30
 
 
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"idle RSS (MiB): {mem['idle']}")
         results["latency_1c"] = latency_phase(systems, args.repeats, args.latency_duration)
         results["throughput_64c"] = throughput_phase(systems, args.repeats, args.duration)
-        results["limits_paired"] = limits_pairs(stack, systems, LIMITS_ROUNDS, args.duration)
+        results["limits_paired"] = limits_pairs(stack, systems, LIMITS_ROUNDS, LIMITS_DURATION)
         time.sleep(1.0)
         mem["after_load"] = memory(systems)
         results["sse"] = sse_phase(systems, args.repeats)

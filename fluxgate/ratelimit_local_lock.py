@@ -7,8 +7,12 @@ killed while it holds the lock cannot stall the others:
 - a robust, process-shared pthread mutex (the C library's, through ctypes)
   in the table's own shared memory: taken and given back without a system
   call while nobody waits for it, which is every admission's case but a
-  few; a waiter sleeps in the kernel (a futex), and the next to take it
-  after its holder died is told so (EOWNERDEAD) and makes it usable again;
+  few; the next to take it after its holder died is told so (EOWNERDEAD)
+  and makes it usable again. A worker that finds it held tries again a few
+  times before it sleeps in the kernel (a futex): its holder, running on
+  the other CPU, gives it back within microseconds, while a sleeper is only
+  woken by a system call and then waits for the scheduler, behind every
+  other runnable process of a busy machine;
 - where the C library has no robust mutex, a POSIX record lock
   (`fcntl.lockf`) on the file holding the memory: two system calls a round.
 
@@ -29,6 +33,9 @@ from collections.abc import Callable
 from .ratelimit import LimitBackendError
 
 MUTEX_SIZE = 128  # bytes kept for a pthread_mutex_t (40 or 48 in glibc)
+# Tries (of about 0.2 µs each) before sleeping: longer than the table's
+# critical section when its holder runs, far shorter than a scheduler's slice.
+SPINS = 64
 
 
 class TableLock:
@@ -37,8 +44,8 @@ class TableLock:
     where there is a robust mutex too.
 
     `lock()` and `unlock()`; on the hot path, `take()`, then `taken(result)`
-    when it returned neither 0 nor None, and `give()`: calls straight into the
-    C library, no Python frame."""
+    when it returned neither 0 nor None (held by another worker, or an
+    error), and `give()`: calls straight into the C library, no Python frame."""
 
     def __init__(self, memory: mmap.mmap, offset: int, fd: int, robust: bool = True) -> None:
         self.take: Callable[[], int | None]
@@ -58,13 +65,14 @@ class TableLock:
         """Set up the robust mutex; OSError where the C library has none."""
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            attr_init, set_pshared, set_robust, init, lock, unlock, consistent = (
+            attr_init, set_pshared, set_robust, init, trylock, lock, unlock, consistent = (
                 getattr(libc, f"pthread_{name}")
                 for name in (
                     "mutexattr_init",
                     "mutexattr_setpshared",
                     "mutexattr_setrobust",
                     "mutex_init",
+                    "mutex_trylock",
                     "mutex_lock",
                     "mutex_unlock",
                     "mutex_consistent",
@@ -72,7 +80,7 @@ class TableLock:
             )
         except (OSError, AttributeError) as exc:
             raise OSError(f"no robust pthread mutex: {exc}") from None
-        for function in (lock, unlock, consistent):
+        for function in (trylock, lock, unlock, consistent):
             function.argtypes = [ctypes.c_void_p]
             function.restype = ctypes.c_int
         address = ctypes.addressof(ctypes.c_char.from_buffer(memory, offset))
@@ -85,20 +93,34 @@ class TableLock:
         )
         if any(results):
             raise OSError(f"pthread mutex attributes refused: {results}")
-        self.take = functools.partial(lock, address)
+        self.take = functools.partial(trylock, address)  # EBUSY when held: see `taken`
         self.give = functools.partial(unlock, address)
+        self._wait = functools.partial(lock, address)
         self._consistent = functools.partial(consistent, address)
 
     def taken(self, result: int) -> None:
-        """What `take` returned, when not 0: EOWNERDEAD (its holder died holding
-        it, and it is ours now), or an error: LimitBackendError, so that
-        `on_backend_error` decides rather than every request failing."""
+        """What `take` returned, when not 0: EBUSY (another worker holds it: wait
+        for it here), EOWNERDEAD (its holder died holding it, and it is ours
+        now), or an error: LimitBackendError, so that `on_backend_error`
+        decides rather than every request failing."""
+        if result == errno.EBUSY:
+            result = self._contended()
         if result == errno.EOWNERDEAD:
             result = self._consistent()
             if result:  # ours, but not usable again: give it back, never keep it
                 self.give()
         if result:
             raise LimitBackendError(f"the limits table's lock: {os.strerror(result)}")
+
+    def _contended(self) -> int:
+        """Take the mutex another worker holds: a few more tries while it most
+        likely runs its few microseconds under it, then sleep until it is given back."""
+        take = self.take
+        for _ in range(SPINS):
+            result = take()
+            if result != errno.EBUSY:
+                return result  # type: ignore[return-value]
+        return self._wait()  # type: ignore[no-any-return]
 
     def lock(self) -> None:
         result = self.take()

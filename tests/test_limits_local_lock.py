@@ -71,3 +71,27 @@ def test_the_lock_is_a_robust_mutex_where_the_c_library_has_one() -> None:
     table = LocalTable(capacity=8, slots=2)
     assert table.robust_lock
     os.close(table.fd)
+
+
+def test_a_lock_another_worker_holds_is_waited_for_then_taken(table: LocalTable) -> None:
+    """`take` does not wait (a robust mutex answers EBUSY at once); `taken` then
+    tries again and sleeps until the holder gives it back, and returns holding it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        table.lock()
+        os.write(w, b"x")
+        time.sleep(0.3)  # past every try `taken` makes before it sleeps
+        table.unlock()
+        os._exit(0)
+    os.read(r, 1)
+    asked = time.monotonic()
+    result = table.take()  # the file lock waits here
+    if table.robust_lock:
+        assert result == errno.EBUSY
+        table.taken(result)
+    assert time.monotonic() - asked >= 0.25  # not before the holder gave it back
+    table.give()
+    os.waitpid(pid, 0)
+    os.close(r)
+    os.close(w)
