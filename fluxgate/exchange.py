@@ -61,6 +61,7 @@ class Exchange:
     __slots__ = (
         "attempts",
         "auth_error",
+        "body_arrived",
         "client_gone",
         "connection_tokens",
         "finished",
@@ -100,6 +101,9 @@ class Exchange:
         self.request_length = request_length  # its Content-Length, if any
         self.has_body = has_body  # a Content-Length above 0, or chunked
         self.connection_tokens = connection_tokens  # what `Connection` names; None: no header
+        # The whole body is parsed already, and the first `receive` hands it over
+        # with nothing sent to the client (no 100 Continue is due): fluxgate.protocol.
+        self.body_arrived = False
         # What happened to it.
         self.status = 0
         self.outcome = "ok"

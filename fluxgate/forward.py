@@ -173,6 +173,19 @@ class RequestBody:
     def stream(self) -> AsyncIterator[bytes]:
         return self._replay() if self.complete else self._first()
 
+    async def whole(self) -> bytes | None:
+        """The body in one piece, when it has arrived whole (`Exchange.body_arrived`):
+        no async iterator for aiohttp to drain. None when the client has gone
+        meanwhile (`stream` then finds that out as before)."""
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        self.ex.request_bytes += len(chunk)
+        self._keep(chunk)
+        self.complete = True
+        return chunk
+
     async def _first(self) -> AsyncIterator[bytes]:
         ex = self.ex
         while True:
@@ -254,6 +267,10 @@ class Forwarder:
         # Kept for a replay only where one can happen: a pool that may fail over.
         replay = upstream.retry_body_limit if pool and upstream.max_attempts > 1 else -1
         body = RequestBody(receive, ex, replay) if ex.has_body else None
+        # A Content-Length body that is all here goes up as bytes (framing unchanged).
+        whole = None
+        if body is not None and ex.body_arrived and ex.request_length is not None:
+            whole = await body.whole()
         tried: set[int] = set()
         while True:
             index = 0 if pool is None else pool.choose(time.monotonic(), frozenset(tried))
@@ -269,7 +286,7 @@ class Forwarder:
                     ex.method,
                     url,
                     _with_key(headers, key, pool is not None),
-                    None if body is None else body.stream(),
+                    whole if whole is not None else None if body is None else body.stream(),
                     upstream.timeouts.connect,
                     upstream.tls,
                 )

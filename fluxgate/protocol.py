@@ -250,6 +250,11 @@ class FluxgateProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        ex: Exchange | None = self.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+        if ex is not None and not self.cycle.more_body and not self.expect_100_continue:
+            # Usually within the read that brought the head, before the app runs:
+            # the forwarder then sends the body upstream in one piece.
+            ex.body_arrived = True
         if self._discard_timer is not None:
             # The dropped body has ended in time: an idle keep-alive connection
             # again, which needs the keep-alive timer its bytes cancelled.

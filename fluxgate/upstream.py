@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
+from aiohttp.payload import AsyncIterablePayload
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
@@ -273,11 +274,12 @@ class UpstreamClient:
         method: str,
         url: URL,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: bytes | AsyncIterator[bytes] | None,
         connect_timeout: float,
         ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
-        """Send the request head (and stream `body`), return once the response head is in.
+        """Send the request head (and `body`: bytes, or streamed), return once the
+        response head is in.
 
         `connect_timeout` bounds getting a connection (TCP and TLS); a pooled
         one is there at once. Failing it raises `aiohttp.ConnectionTimeoutError`.
@@ -300,15 +302,22 @@ class UpstreamClient:
         method: str,
         url: URL,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: bytes | AsyncIterator[bytes] | None,
         timeout: aiohttp.ClientTimeout,
         ssl: ssl.SSLContext | bool = True,
     ) -> aiohttp.ClientResponse:
+        data: bytes | AsyncIterablePayload | None = None
+        if isinstance(body, bytes):
+            data = body
+        elif body is not None:
+            # Its payload made here: aiohttp's registry would find the kind of an
+            # async iterator by trying every kind it knows in turn.
+            data = AsyncIterablePayload(body)
         req = VerbatimRequest(
             method,
             url,
             headers=headers,
-            data=body,
+            data=data,
             loop=self._loop,
             session=self.session,
             ssl=ssl,

@@ -197,6 +197,49 @@ def test_one_scan_of_the_head_gives_the_exchange_what_later_steps_need(
     assert ex.connection_tokens == tokens
 
 
+def body_arrived_at_start(loop: asyncio.AbstractEventLoop, *reads: bytes) -> bool:
+    """What `Exchange.body_arrived` said when the app began, for a request fed as `reads`
+    (the app starts between reads)."""
+    seen: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope[EXCHANGE_SCOPE_KEY].body_arrived)
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn = Connection(loop, gate=None, app=app)
+    for data in reads:
+        conn.feed(data)
+    conn.lose()
+    assert len(seen) == 1 and b"HTTP/1.1 204 " in conn.transport.buffer
+    return seen[0]
+
+
+def test_a_body_that_came_with_its_head_is_whole_when_the_app_starts(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    head = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
+    assert body_arrived_at_start(loop, head + b"hello")
+
+
+def test_a_body_still_to_come_when_the_app_starts_is_not_whole(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    head = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
+    assert not body_arrived_at_start(loop, head + b"he", b"llo")
+
+
+def test_a_body_sent_with_expect_100_continue_is_never_taken_whole(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Its first `receive` writes the 100 Continue: it stays on the streamed path,
+    where that happens only once the upstream has the request head."""
+    head = b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    assert not body_arrived_at_start(loop, head + b"hello")
+
+
 def test_head_and_body_sent_back_to_back_go_out_in_one_write(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
