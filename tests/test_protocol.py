@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 import fluxgate.protocol
@@ -151,6 +152,21 @@ def conn(loop: asyncio.AbstractEventLoop) -> Iterator[Connection]:
     connection = Connection(loop, gate=None)
     yield connection
     connection.lose()
+
+
+def test_what_the_protocol_adds_to_a_connection_stays_out_of_its_instance_dict(
+    loop: asyncio.AbstractEventLoop, conn: Connection
+) -> None:
+    """Every open connection has one: uvicorn's attributes alone keep it a compact
+    (split) dict, about 1.3 KiB smaller per connection than with ours added."""
+    plain = HttpToolsProtocol(
+        config=conn.protocol.config, server_state=ServerState(), app_state={}, _loop=loop
+    )
+    plain.connection_made(MockTransport())  # type: ignore[arg-type]
+    plain.data_received(GET)
+    conn.feed(GET)
+    assert set(conn.protocol.__dict__) == set(plain.__dict__)
+    plain.connection_lost(None)
 
 
 # The baseline: a well-formed request reaches the app
