@@ -31,6 +31,7 @@ from setproctitle import setproctitle
 
 from .config import Config, build_config
 from .gcpolicy import GcPolicy
+from .heaptrim import HeapTrim
 from .limits import ConnectionGate, ConnectionTable
 from .logs import configure_logging
 from .protocol import FluxgateProtocol
@@ -117,6 +118,7 @@ class FluxgateWorker(Worker):
         self.proxy.metrics.connections = lambda: self.gate.active
         self._snapshot_mtime = 0
         self.gc_policy = GcPolicy(connections=lambda: self.gate.active)
+        self.heap_trim = HeapTrim()
         self._set_title()
 
     def make_limiter(self, settings: LimitSettings) -> Limiter:
@@ -179,6 +181,7 @@ class FluxgateWorker(Worker):
             self.notify()
             self.proxy.metrics.refresh()
             self.gc_policy.tick()
+            self.heap_trim.tick()
             if os.getppid() != self.ppid:
                 log.warning("master (pid %s) is gone: shutting down", self.ppid)
                 self.server.should_exit = True
