@@ -5,7 +5,7 @@ and objects larger than Python's own small-object allocator takes). When
 they close, the C library keeps what they freed for later: only the free
 space at the very top of its heap goes back to the system by itself, and
 what is free below a block still in use stays in the worker's resident
-memory (BENCHMARKS.md, "PSS kept" after the streams closed).
+memory (BENCHMARKS.md, "Many long streams": the PSS kept after they closed).
 
 `HeapTrim` asks the C library how much it holds free (`mallinfo2`) and,
 when that has grown by more than `TRIM_FREE` since its lowest point, has it
@@ -55,7 +55,7 @@ class HeapTrim:
         self.trim_free = trim_free
         self.next_check = time.monotonic() + check_interval
         self.trims = 0
-        self.low: int | None = None  # the least free heap seen since the last trim
+        self.low = 0  # the least free heap seen since the last trim
         try:
             libc = ctypes.CDLL(None)
             self._mallinfo2 = libc.mallinfo2
@@ -68,6 +68,9 @@ class HeapTrim:
         self._malloc_trim.restype = ctypes.c_int
         self._malloc_trim.argtypes = [ctypes.c_size_t]
         self.available = True
+        # From the start: a first look taken after a burst would take its freed
+        # heap for the lowest point, and never trim it.
+        self.low = self.free_bytes()
 
     def free_bytes(self) -> int:
         """What the C library holds free in its heaps (0 where it cannot tell)."""
@@ -79,7 +82,7 @@ class HeapTrim:
             return
         self.next_check = now + self.check_interval
         free = self.free_bytes()
-        if self.low is None or free < self.low:
+        if free < self.low:
             self.low = free
         elif free - self.low > self.trim_free:
             self.trim(free)
