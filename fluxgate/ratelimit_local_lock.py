@@ -64,20 +64,23 @@ class TableLock:
     def _mutex(self, memory: mmap.mmap, offset: int) -> None:
         """Set up the robust mutex; OSError where the C library has none."""
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            attr_init, set_pshared, set_robust, init, trylock, lock, unlock, consistent = (
-                getattr(libc, f"pthread_{name}")
+            # The calls that never block keep the GIL (PyDLL): letting it go and
+            # taking it back would cost more than they do. The one that may sleep
+            # lets it go (CDLL). They answer with error codes, never errno.
+            libc, keeping = ctypes.CDLL(None), ctypes.PyDLL(None)
+            attr_init, set_pshared, set_robust, init, trylock, unlock, consistent = (
+                getattr(keeping, f"pthread_{name}")
                 for name in (
                     "mutexattr_init",
                     "mutexattr_setpshared",
                     "mutexattr_setrobust",
                     "mutex_init",
                     "mutex_trylock",
-                    "mutex_lock",
                     "mutex_unlock",
                     "mutex_consistent",
                 )
             )
+            lock = libc.pthread_mutex_lock
         except (OSError, AttributeError) as exc:
             raise OSError(f"no robust pthread mutex: {exc}") from None
         for function in (trylock, lock, unlock, consistent):
