@@ -247,7 +247,12 @@ def streams_only(args: argparse.Namespace) -> int:
     results["seconds"] = round(time.time() - started, 1)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    for path in (RESULTS / f"streams-{stamp}.json", report.STREAMS_LATEST):
+    # A run kept out of the report (--no-report, an experiment) is not the one a
+    # later `python -m bench.report` should show either.
+    paths = [RESULTS / f"streams-{stamp}.json"]
+    if not args.no_report:
+        paths.append(report.STREAMS_LATEST)
+    for path in paths:
         path.write_text(json.dumps(results, indent=1))
     log(f"raw results: {RESULTS / f'streams-{stamp}.json'} ({results['seconds']:.0f} s)")
     if not args.no_report:
