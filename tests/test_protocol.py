@@ -654,6 +654,7 @@ def test_bad_chunk_while_the_response_streams_cuts_the_connection(
     conn.feed(b"zz\r\n")
     assert conn.transport.buffer == written
     assert conn.transport.is_closing()
+    conn.lose()  # the app hears the disconnect and ends (not left pending for the GC)
 
 
 def test_bad_chunk_after_an_early_complete_answer_writes_nothing_more(conn: Connection) -> None:
