@@ -101,8 +101,9 @@ class Exchange:
         self.request_length = request_length  # its Content-Length, if any
         self.has_body = has_body  # a Content-Length above 0, or chunked
         self.connection_tokens = connection_tokens  # what `Connection` names; None: no header
-        # The whole body is parsed already, and the first `receive` hands it over
-        # with nothing sent to the client (no 100 Continue is due): fluxgate.protocol.
+        # The whole body is parsed, and `receive` hands it over with nothing sent
+        # to the client (no 100 Continue is due): set by fluxgate.protocol, read
+        # when the forwarder opens the upstream exchange.
         self.body_arrived = False
         # What happened to it.
         self.status = 0

@@ -286,7 +286,7 @@ class Forwarder:
                     ex.method,
                     url,
                     _with_key(headers, key, pool is not None),
-                    whole if whole is not None else None if body is None else body.stream(),
+                    whole if whole is not None or body is None else body.stream(),
                     upstream.timeouts.connect,
                     upstream.tls,
                 )
