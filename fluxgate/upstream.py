@@ -15,6 +15,7 @@ each chunk to the client there, with no task woken per chunk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ssl
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.payload import AsyncIterablePayload
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import (
@@ -43,6 +44,8 @@ from .errors import (
 # header list: the body payload's Content-Type (application/octet-stream for a
 # stream). Built once, read by every request.
 _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
+# What a response keeps of its request's headers (`VerbatimRequest.request_info`).
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -66,10 +69,21 @@ class VerbatimRequest(aiohttp.ClientRequest):
     no `Content-Type` from the body payload, and no `Content-Length: 0` on a
     body-less POST the client sent without one (a request with neither
     length nor chunking already has an empty body, RFC 9112 §6.3).
+
+    The response keeps none of those headers (`request_info`): they carry the
+    provider's key.
     """
 
     def update_headers(self, headers: Any) -> None:
         self.headers = CIMultiDict(headers)
+
+    @property
+    def request_info(self) -> aiohttp.RequestInfo:
+        """What the response, and any aiohttp error made from it, keeps of this
+        request: not its headers. They hold the provider key, which an error's
+        repr would otherwise print; and an open stream would keep them, with
+        what serializing them left cached, for as long as it lasts."""
+        return aiohttp.RequestInfo(self.url, self.method, _NO_HEADERS, self.original_url)
 
     def update_auto_headers(self, skip_auto_headers: Any) -> None:
         self._skip_auto_headers = _SKIP_AUTO_HEADERS
@@ -97,8 +111,9 @@ class _RelayResponseHandler(ResponseHandler):
     """
 
     idle = False  # the last response has ended and no exchange is running
-    # A body handed to a sink (`stream_body`): its reader, and the sink.
-    streaming: tuple[StreamReader, BodySink] | None = None
+    # A body handed to a sink (`stream_body`): its reader, the sink, and whether
+    # the body is chunked.
+    streaming: tuple[StreamReader, BodySink, bool] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
@@ -149,6 +164,11 @@ class _StreamedReader(StreamReader):
     aiohttp's own again and reaches no sink. No slots of its own: the class
     of an object made by aiohttp's parser can only be swapped for one with
     its layout.
+
+    While it is swapped, its buffer and its queue of chunk boundaries stay
+    empty: they are let go (an empty deque still holds a block of 64 slots,
+    and thousands of streams each hold one of each) and aiohttp gets fresh
+    ones back with its class.
     """
 
     __slots__ = ()
@@ -179,10 +199,30 @@ class _StreamedReader(StreamReader):
     def _unbind(self) -> BodySink:
         protocol = cast(_RelayResponseHandler, self._protocol)
         assert protocol.streaming is not None and protocol.streaming[0] is self
-        sink = protocol.streaming[1]
-        protocol.streaming = None
-        self.__class__ = StreamReader  # type: ignore[assignment]
-        return sink
+        return _unswap(protocol)
+
+
+# What a streamed reader holds for a buffer (`_StreamedReader`): nothing can be
+# put in it, so a library call that tried would fail at once.
+_NOTHING_BUFFERED: Final = ()
+
+
+def _swap(content: StreamReader, protocol: _RelayResponseHandler, sink: BodySink) -> None:
+    chunked = content._http_chunk_splits is not None
+    content._buffer = _NOTHING_BUFFERED  # type: ignore[assignment]
+    content._http_chunk_splits = None
+    content.__class__ = _StreamedReader
+    protocol.streaming = (content, sink, chunked)
+
+
+def _unswap(protocol: _RelayResponseHandler) -> BodySink:
+    assert protocol.streaming is not None
+    content, sink, chunked = protocol.streaming
+    protocol.streaming = None
+    content.__class__ = StreamReader
+    content._buffer = collections.deque()
+    content._http_chunk_splits = collections.deque() if chunked else None
+    return sink
 
 
 def streamable(response: aiohttp.ClientResponse) -> bool:
@@ -217,8 +257,7 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
     assert connection is not None
     protocol = connection.protocol
     assert isinstance(protocol, _RelayResponseHandler)
-    content.__class__ = _StreamedReader
-    protocol.streaming = (content, sink)
+    _swap(content, protocol, sink)
     return protocol
 
 
@@ -226,8 +265,7 @@ def unstream_body(protocol: ResponseHandler, sink: BodySink) -> None:
     """`sink` hears no more of the body `stream_body` handed it (if it had not ended)."""
     assert isinstance(protocol, _RelayResponseHandler)
     if protocol.streaming is not None and protocol.streaming[1] is sink:
-        protocol.streaming[0].__class__ = StreamReader
-        protocol.streaming = None
+        _unswap(protocol)
 
 
 def _relay_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:

@@ -4,12 +4,15 @@ The relay (fluxgate.relay) writes each chunk to the client in the callback
 that parsed it. These tests drive `UpstreamClient` against a scripted
 upstream on a real socket, in one event loop, and record what the sink is
 told: every byte in order (what aiohttp had buffered first), one end, and
-nothing that belongs to another exchange on the same pooled connection.
+nothing that belongs to another exchange on the same pooled connection; and
+what an open response keeps of its request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -19,6 +22,7 @@ from yarl import URL
 from fluxgate.exchange import ClientLink, Exchange
 from fluxgate.relay import BodyRelay
 from fluxgate.upstream import UpstreamClient, stream_body, streamable, unstream_body
+from tests.conftest import OPENAI_KEY
 
 Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
 
@@ -204,11 +208,21 @@ def test_a_released_response_does_not_reach_the_sink_of_the_next_exchange_on_its
     run(test)
 
 
-def test_a_sink_unbound_before_the_end_hears_nothing_more() -> None:
+@pytest.mark.parametrize(
+    ("first", "rest"),
+    [
+        (HEAD_LENGTH + b"aaaa", b"bbbbcccc"),
+        (HEAD_CHUNKED + b"4\r\naaaa\r\n", b"4\r\nbbbb\r\n4\r\ncccc\r\n0\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_sink_unbound_before_the_end_hears_nothing_more(first: bytes, rest: bytes) -> None:
     async def test(client: UpstreamClient) -> None:
         more = asyncio.Event()
-        async with ScriptedUpstream([HEAD_LENGTH + b"aaaa", more, b"bbbbcccc"]) as url:
+        async with ScriptedUpstream([first, more, rest]) as url:
             response = await get(client, url)
+            while response.content.total_bytes < 4:  # a chunk counted before the sink
+                await asyncio.sleep(0.01)
             sink = Sink()
             protocol = stream_body(response, sink)
             assert protocol is not None
@@ -218,6 +232,51 @@ def test_a_sink_unbound_before_the_end_hears_nothing_more() -> None:
             assert (sink.chunks, sink.ends) == ([b"aaaa"], [])
             assert await response.content.read() == b"bbbbcccc"
             response.release()
+
+    run(test)
+
+
+def deques() -> int:
+    return sum(isinstance(o, collections.deque) for o in gc.get_objects())
+
+
+def test_a_streamed_body_holds_no_buffers_while_its_sink_takes_the_chunks() -> None:
+    # Thousands of open streams each held two empty deques (a 64-slot block each).
+    async def test(client: UpstreamClient) -> None:
+        more = asyncio.Event()
+        script: list[Step] = [HEAD_CHUNKED + b"4\r\naaaa\r\n", more, b"4\r\nbbbb\r\n0\r\n\r\n"]
+        async with ScriptedUpstream(script) as url:
+            response = await get(client, url)
+            while response.content.total_bytes < 4:  # a chunk boundary counted already
+                await asyncio.sleep(0.01)
+            sink = Sink()
+            held = deques()
+            assert stream_body(response, sink) is not None
+            assert deques() == held - 2
+            more.set()
+            await sink.done.wait()
+            assert (b"".join(sink.chunks), sink.ends) == (b"aaaabbbb", [None])
+            assert deques() == held  # aiohttp's reader has its own again
+            response.release()
+
+    run(test)
+
+
+def test_a_response_keeps_none_of_its_requests_headers() -> None:
+    # They carry the provider key: aiohttp puts the request's headers in the
+    # errors it makes from a response, whose repr a log line could print.
+    async def test(client: UpstreamClient) -> None:
+        whole, switching = [HEAD_LENGTH + b"aaaabbbbcccc"], [b"HTTP/1.1 101 Go\r\n\r\n"]
+        async with ScriptedUpstream(whole, switching) as url:
+            headers = [("Host", url.host or ""), ("Authorization", f"Bearer {OPENAI_KEY}")]
+            response = await client.request("GET", url, list(headers), None, 5.0)
+            assert response.request_info.url == url
+            assert not response.request_info.headers
+            await response.read()
+            response.release()
+            with pytest.raises(aiohttp.ClientResponseError) as refused:  # an unsolicited 1xx
+                await client.request("GET", url, list(headers), None, 5.0)
+            assert OPENAI_KEY not in repr(refused.value) + str(refused.value)
 
     run(test)
 
