@@ -68,12 +68,6 @@ class ProxyApp:
         self.request_log = RequestLog(request_fields, render_text=request_text)
         self.forwarder: Forwarder | None = None  # made at lifespan startup, in the loop
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await self.handle(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
@@ -92,7 +86,13 @@ class ProxyApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def handle(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        # One request, in this one coroutine: its frame is held for as long as
+        # the response streams, and there are thousands of those.
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
         started = time.monotonic()
         config = self.config
         ex: Exchange = scope[EXCHANGE_SCOPE_KEY]

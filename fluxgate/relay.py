@@ -17,7 +17,7 @@ deadline see every chunk as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -113,7 +113,7 @@ class BodyRelay:
             raise self.error
 
 
-async def relay_body(
+def relay_body(
     response: aiohttp.ClientResponse,
     send: Any,
     link: ClientLink,
@@ -121,14 +121,24 @@ async def relay_body(
     tap: Tap | None,
     beat: Callable[[], None] | None,
     loop: asyncio.AbstractEventLoop,
-) -> None:
-    """The body of `response`, whose head `send` has sent, up to its end (not
-    included: the caller sends it). Raises aiohttp's error if the body fails."""
+) -> Coroutine[Any, Any, None]:
+    """To await: the body of `response`, whose head `send` has sent, up to its
+    end (not included: the caller sends it). Raises aiohttp's error if the body
+    fails. Not a coroutine itself: no frame of its own held while a stream lasts."""
     client = client_body(send)
     if client is not None and streamable(response):
-        await BodyRelay(client, ex, tap, beat, loop).run(response, link)
-        return
-    # Another server than ours (tests), or a reader of another kind: through `send`.
+        return BodyRelay(client, ex, tap, beat, loop).run(response, link)
+    return _through_send(response, send, ex, tap, beat)
+
+
+async def _through_send(
+    response: aiohttp.ClientResponse,
+    send: Any,
+    ex: Exchange,
+    tap: Tap | None,
+    beat: Callable[[], None] | None,
+) -> None:
+    # Another server than ours (tests), or a reader of another kind: chunk by chunk.
     async for chunk in response.content.iter_any():
         ex.response_bytes += len(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -115,7 +115,7 @@ def test_a_refused_request_leaves_nothing_of_itself_alive(
                          "client": ("127.0.0.1", 1),
                          EXCHANGE_SCOPE_KEY: Exchange(method, target),
                          CONNECTION_SCOPE_KEY: ClientLink()}  # fmt: skip
-                await app.handle(scope, receive, send)
+                await app(scope, receive, send)
                 del request_headers, scope
             app.request_log.flush()
         finally:
