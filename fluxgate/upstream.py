@@ -163,12 +163,7 @@ class _StreamedReader(StreamReader):
     even after its end, when its connection may carry the next exchange) is
     aiohttp's own again and reaches no sink. No slots of its own: the class
     of an object made by aiohttp's parser can only be swapped for one with
-    its layout.
-
-    While it is swapped, its buffer and its queue of chunk boundaries stay
-    empty: they are let go (an empty deque still holds a block of 64 slots,
-    and thousands of streams each hold one of each) and aiohttp gets fresh
-    ones back with its class.
+    its layout. While swapped it holds no buffers (`_swap`).
     """
 
     __slots__ = ()
@@ -202,15 +197,25 @@ class _StreamedReader(StreamReader):
         return _unswap(protocol)
 
 
-# What a streamed reader holds for a buffer (`_StreamedReader`): nothing can be
-# put in it, so a library call that tried would fail at once.
-_NOTHING_BUFFERED: Final = ()
+# What a buffer that stays empty while a body streams is replaced with (`_swap`):
+# nothing can be put in it, so a library call that tried would fail at once.
+_NOTHING_BUFFERED: Final[Any] = ()
 
 
 def _swap(content: StreamReader, protocol: _RelayResponseHandler, sink: BodySink) -> None:
+    """Bind `sink` to the body, and let go of the buffers that stay empty meanwhile.
+
+    They are the reader's buffer and its queue of chunk boundaries, and the
+    connection's queue of parsed responses (this one's has been read; the next
+    cannot be parsed before this body ends). An empty deque still holds a
+    block of 64 slots, and thousands of open streams each held three.
+    `_unswap` gives aiohttp fresh ones.
+    """
     chunked = content._http_chunk_splits is not None
-    content._buffer = _NOTHING_BUFFERED  # type: ignore[assignment]
+    content._buffer = _NOTHING_BUFFERED
     content._http_chunk_splits = None
+    if not protocol._buffer:
+        protocol._buffer = _NOTHING_BUFFERED
     content.__class__ = _StreamedReader
     protocol.streaming = (content, sink, chunked)
 
@@ -222,6 +227,8 @@ def _unswap(protocol: _RelayResponseHandler) -> BodySink:
     content.__class__ = StreamReader
     content._buffer = collections.deque()
     content._http_chunk_splits = collections.deque() if chunked else None
+    if protocol._buffer is _NOTHING_BUFFERED:
+        protocol._buffer = collections.deque()
     return sink
 
 
