@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Final
 
 import aiohttp
@@ -55,6 +55,7 @@ _CUT_OUTCOME: Final = {
     "idle": "upstream_idle_timeout",
 }
 MAX_BACKOFF: Final = 5.0  # seconds between two attempts at most
+_END: Final = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 class Guard:
@@ -237,7 +238,16 @@ class Forwarder:
         self.metrics.open_stream(upstream.name)
         try:
             response = await self.open(upstream, scope, receive, ex, guard)
-            await relay(upstream, response, send, ex, guard)
+            body = await start_relay(upstream, response, send, ex, guard)
+            try:
+                await body
+            except (aiohttp.ClientError, OSError) as exc:
+                # The response's reader keeps this error, and its traceback would
+                # keep this frame, which keeps the response: a cycle (fluxgate.gcpolicy).
+                exc.__traceback__ = None
+                ex.outcome = "upstream_body_error"
+                raise StreamAborted from None
+            await send(_END)
             complete = True
         except asyncio.CancelledError:
             if not guard.ours():
@@ -346,12 +356,19 @@ def _may_retry(
     )
 
 
-async def relay(
+async def start_relay(
     upstream: Upstream, response: aiohttp.ClientResponse, send: Any, ex: Exchange, guard: Guard
-) -> None:
-    """The response head, then each body chunk the moment it arrives (fluxgate.relay)."""
-    headers = client_headers(response.raw_headers)
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+) -> Coroutine[Any, Any, None]:
+    """Send the response head; return what relays the body as each chunk arrives
+    (fluxgate.relay), to await in the caller's frame: no frame of this one, nor
+    the head's headers, stays alive for as long as a stream lasts."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": client_headers(response.raw_headers),
+        }
+    )
     ex.response_started = True
     tap = None
     if upstream.usage is not None:  # read the provider's token usage as it passes
@@ -361,12 +378,4 @@ async def relay(
     if upstream.timeouts.idle is not None:
         guard.watch_idle(upstream.timeouts.idle)
         beat = guard.chunk
-    try:
-        await relay_body(response, send, guard.connection, ex, tap, beat, guard.loop)
-    except (aiohttp.ClientError, OSError) as exc:
-        # The response's reader keeps this error, and its traceback would keep
-        # this frame, which keeps the response: a cycle (fluxgate.gcpolicy).
-        exc.__traceback__ = None
-        ex.outcome = "upstream_body_error"
-        raise StreamAborted from None
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return relay_body(response, send, guard.connection, ex, tap, beat, guard.loop)
