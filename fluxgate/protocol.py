@@ -47,9 +47,10 @@ DISCARD_TIMEOUT: Final = 5.0
 # authentication: TRACE would be forwarded with the provider key, and an
 # upstream that reflects it would hand the key to the client; WebDAV and
 # other methods have no use in front of an LLM API. CONNECT stays 501 (§4.2).
-FORWARDED_METHODS: Final = frozenset(
-    {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
-)
+# Each as the parser gives it and as the exchange keeps it (decoded once, here).
+FORWARDED_METHODS: Final = {
+    m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+}
 
 log = logging.getLogger("fluxgate.protocol")
 
@@ -350,7 +351,8 @@ class FluxgateProtocol(HttpToolsProtocol):
         method = parser.get_method()
         if method == b"CONNECT" or upgrade:
             raise self._reject(NO_UPGRADE, warn="CONNECT or protocol upgrade")
-        if method not in FORWARDED_METHODS:
+        method_name = FORWARDED_METHODS.get(method)
+        if method_name is None:
             raise self._reject(METHOD_NOT_FORWARDED, warn="method not forwarded")
         if foreign_coding:
             # httptools accepts any list that ends in chunked ("gzip, chunked");
@@ -361,10 +363,10 @@ class FluxgateProtocol(HttpToolsProtocol):
             raise self._reject(NOT_A_PATH, warn="absolute-form or asterisk request target")
         if hosts != 1:
             raise self._reject(ONE_HOST, warn="missing or repeated Host header")
-        # uvicorn appends chunked trailers to this same list later: copy it.
-        self.scope["headers"] = list(self.headers)
+        if chunked:  # uvicorn appends the body's trailers to this same list: a copy
+            self.scope["headers"] = list(self.headers)
         self.scope[EXCHANGE_SCOPE_KEY] = Exchange(  # type: ignore[typeddict-unknown-key]
-            method.decode("ascii"),
+            method_name,
             self.url,
             length,
             chunked or bool(length),
