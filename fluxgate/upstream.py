@@ -44,7 +44,8 @@ from .errors import (
 # header list: the body payload's Content-Type (application/octet-stream for a
 # stream). Built once, read by every request.
 _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
-# What a response keeps of its request's headers (`VerbatimRequest.request_info`).
+# What a response keeps of its request's headers (`VerbatimRequest.request_info`),
+# and of its own once its body streams (`stream_body`).
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
@@ -247,6 +248,10 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
     the upstream back while the client cannot take more; or None when the
     body had already ended (`sink.ended` has been called). Until it ends,
     `unstream_body` must undo it when the caller stops listening.
+
+    A body still to come is taken to mean that the head has been relayed:
+    what aiohttp parsed of it is let go (`_let_head_go`), so read any header
+    needed before.
     """
     content = response.content
     assert type(content) is StreamReader, "not streamable"
@@ -264,8 +269,19 @@ def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHan
     assert connection is not None
     protocol = connection.protocol
     assert isinstance(protocol, _RelayResponseHandler)
+    _let_head_go(response)
     _swap(content, protocol, sink)
     return protocol
+
+
+def _let_head_go(response: aiohttp.ClientResponse) -> None:
+    """Drop the response's parsed head: its header list, its raw headers and
+    the copies aiohttp cached of them. A stream can last minutes, and a
+    provider's head is often twenty headers or more."""
+    response._headers = _NO_HEADERS
+    response._raw_headers = ()
+    response._cache.pop("headers", None)
+    response._cache.pop("raw_headers", None)
 
 
 def unstream_body(protocol: ResponseHandler, sink: BodySink) -> None:

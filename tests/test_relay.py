@@ -263,6 +263,27 @@ def test_a_streamed_body_holds_no_buffers_while_its_sink_takes_the_chunks() -> N
     run(test)
 
 
+def test_a_response_whose_body_streams_keeps_nothing_of_its_head() -> None:
+    # It went to the client before the body; a provider's head is often
+    # twenty headers, and a stream can last minutes.
+    async def test(client: UpstreamClient) -> None:
+        more = asyncio.Event()
+        head = HEAD_CHUNKED.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"b" * 4000 + b"\r\n\r\n")
+        async with ScriptedUpstream([head, more, b"4\r\naaaa\r\n0\r\n\r\n"]) as url:
+            response = await get(client, url)
+            assert response.headers["X-Big"] == "b" * 4000  # read, and cached by aiohttp
+            assert len(response.raw_headers) == 3
+            sink = Sink()
+            assert stream_body(response, sink) is not None
+            assert (len(response.headers), response.raw_headers) == (0, ())
+            more.set()
+            await sink.done.wait()
+            assert (b"".join(sink.chunks), sink.ends) == (b"aaaa", [None])
+            response.release()
+
+    run(test)
+
+
 def test_a_response_keeps_none_of_its_requests_headers() -> None:
     # They carry the provider key: aiohttp puts the request's headers in the
     # errors it makes from a response, whose repr a log line could print.
