@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .errors import (
@@ -163,6 +164,39 @@ def client_body(send: Any) -> ClientBody | None:
     return None
 
 
+class _FlowControl(FlowControl):
+    """uvicorn's flow control, whose asyncio.Event is made only when a write must
+    wait for the client's socket buffer to drain. Every connection made one
+    (and the 64-slot deque inside it); most never wait, and an open stream's
+    chunks do not go through uvicorn's `send` (fluxgate.relay)."""
+
+    _is_writable_event: asyncio.Event | None  # type: ignore[assignment]
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        self._is_writable_event = None
+
+    async def drain(self) -> None:
+        if self.write_paused:
+            if self._is_writable_event is None:
+                self._is_writable_event = asyncio.Event()
+            await self._is_writable_event.wait()
+
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            self.write_paused = True
+            if self._is_writable_event is not None:
+                self._is_writable_event.clear()
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            if self._is_writable_event is not None:
+                self._is_writable_event.set()
+
+
 class FluxgateProtocol(HttpToolsProtocol):
     # Slots for what this class adds: uvicorn's own attributes stay few enough
     # (30 at most) for CPython to keep each connection's __dict__ a compact
@@ -197,6 +231,7 @@ class FluxgateProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _FlowControl(transport)
         # Over the limit, the connection is still read so that its request
         # gets a real 503 rather than a silent close.
         self._admitted = self.gate is None or self.gate.acquire()

@@ -11,6 +11,7 @@ unrun.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -782,6 +783,39 @@ class FlowRecorder:
 
     def resume(self) -> None:
         self.calls.append("resume")
+
+
+def test_a_response_sent_while_the_client_buffer_is_full_waits_for_it_to_drain(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    sent: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        sent.append("head")
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
+        sent.append("body")
+
+    conn = Connection(loop, gate=None, app=app)
+    conn.protocol.pause_writing()  # what the transport calls over its high-water mark
+    conn.feed(GET)
+    assert (sent, conn.transport.buffer) == ([], b"")
+    conn.protocol.resume_writing()
+    conn.settle()
+    assert sent == ["head", "body"]
+    assert conn.transport.buffer.endswith(b"4\r\ndone\r\n0\r\n\r\n")
+    conn.lose()
+
+
+def test_a_connection_whose_writes_never_wait_holds_no_event_of_its_own(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # uvicorn's flow control made one per connection, with a 64-slot deque in it.
+    conn = Connection(loop, gate=None).feed(GET)
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    held = gc.get_referents(conn.protocol.flow)  # what its attributes hold
+    assert not [o for o in held if isinstance(o, asyncio.Event)]
+    conn.lose()
 
 
 def test_a_full_client_buffer_pauses_the_running_relay_and_a_drained_one_resumes_it(
