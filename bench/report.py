@@ -602,7 +602,7 @@ def _streams_table(sc: dict[str, Any], d: dict[str, Any]) -> list[str]:
         _row("proxy CPU per event, µs (whole run)",
              cells(lambda f, _: fmt(f["cpu_us_per_event_run"], 1))),
         _row("PSS per open stream, KiB", cells(lambda f, _: fmt(f["pss_kib_per_stream"], 1))),
-        _row("PSS idle before the first run, MiB", cells(
+        _row("PSS idle before the first run (warmed up), MiB", cells(
             lambda f, _: "—" if f["pss_idle_mib"] is None else f"{f['pss_idle_mib']:.1f}")),
         _row("PSS kept after the streams closed, MiB over idle",
              cells(lambda f, _: fmt(f["pss_kept_mib"], 1))),
@@ -740,7 +740,10 @@ def streams_section(blob: dict[str, Any] | None) -> list[str]:
         "first connect to after the upstream saw the last stream closed, over every event",
         "received. **PSS per open stream**: the tree's PSS (smaps_rollup, so pages shared",
         "after fork count once) in the window, the mean of its start and end, less its PSS",
-        "idle before the first run, over the streams held. These scenarios run on servers",
+        "idle before the first run, over the streams held; that idle PSS is taken after 50",
+        "short streams, so the one-time costs of a system's first traffic (pages shared with",
+        "the master copied on their first write, caches) are not counted as the streams'.",
+        "These scenarios run on servers",
         "started for them, and the baseline is not taken anew before each run: a Python",
         "process keeps what it freed and reuses it, so a per-run baseline would show almost",
         "nothing from the second round on (the *kept* row is that memory, taken as the",

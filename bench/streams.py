@@ -26,7 +26,11 @@ Memory per open stream is PSS in the window less PSS idle *before the first
 run*, not before each run: a Python process keeps what it freed (pymalloc
 arenas, malloc's heap) and the next run reuses it, so a per-run baseline would
 find almost nothing by the second round. Fresh servers keep the earlier phases
-of `make bench` out of that baseline too.
+of `make bench` out of that baseline too. That idle PSS is taken once each
+proxy has carried a few short streams (`_warm_up`): a system's first traffic
+has one-time costs that are not any stream's (pages shared with the master
+copied on their first write, caches filled), which would otherwise be
+spread over the streams of the first scenario.
 """
 
 from __future__ import annotations
@@ -332,6 +336,7 @@ SCENARIOS = {
 }
 SYSTEMS = ["direct", "nginx", "fluxgate"]
 SETTLE_S = 1.0
+WARM_UP_STREAMS = 50
 HEAD_TIMEOUT_S = 30.0
 
 
@@ -506,6 +511,32 @@ def long_streams_phase(
     return out
 
 
+def _warm_up(stack: Stack, system: System, stderr: IO[str]) -> None:
+    """`WARM_UP_STREAMS` short streams through `system`, all closed when it returns
+    (see the module's docstring)."""
+    assert stack.ticks is not None
+    ticks_fds = fd_count(stack.ticks.proc.pid) or 0
+    path = f"{system.ticks_prefix}/ticks?events=100&interval_ms=100"
+    client = ClientProcess(
+        ["--port", str(system.ticks_port), "--path", path, "--key", system.key,
+         "--streams", str(WARM_UP_STREAMS), "--rate", "500", "--interval-ms", "100",
+         "--events", "100", "--head-timeout", str(HEAD_TIMEOUT_S)],
+        stderr,
+    )  # fmt: skip
+    try:
+        client.expect("open", HEAD_TIMEOUT_S + 10)
+        assert client.proc.stdin is not None
+        # No window: the client closes the streams, as after a run (a stream that
+        # ended would leave its upstream connection pooled by the proxy).
+        client.proc.stdin.close()
+        client.expect("result", 30)
+    finally:
+        client.close()
+    if _released(stack.ticks, ticks_fds + 8, 30.0) is None:
+        log(f"warning: {system.name} left warm-up streams open at the upstream")
+    time.sleep(SETTLE_S)
+
+
 def _phase(
     stack: Stack, rounds: int, window: float, names: list[str], scenarios: list[str]
 ) -> dict[str, Any]:
@@ -514,6 +545,10 @@ def _phase(
     # The client holds one descriptor per stream; a proxy worker two per stream it took.
     if soft != resource.RLIM_INFINITY and soft < biggest + 1024:
         log(f"warning: open file limit {soft} is too low for {biggest:,} streams")
+    with open(stack.tmp / "streams-client.stderr", "a") as stderr:
+        for name in names:
+            if name != "direct":
+                _warm_up(stack, stack.systems[name], stderr)
     idle = {n: stack.systems[n].pss_kib() for n in names if n != "direct"}
     out: dict[str, Any] = {
         "settings": {"rounds": rounds, "window_s": window, "settle_s": SETTLE_S,
