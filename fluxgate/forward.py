@@ -27,6 +27,7 @@ from typing import Any, Final
 import aiohttp
 
 from .config import ProviderKey, Timeouts, Upstream
+from .deadlines import Deadlines
 from .errors import (
     UPSTREAM_FIRST_BYTE_TIMEOUT,
     UPSTREAM_TIMEOUT,
@@ -61,14 +62,17 @@ _END: Final = {"type": "http.response.body", "body": b"", "more_body": False}
 class Guard:
     """Cancels the relaying task when the client goes away or a deadline passes.
 
-    The deadlines are plain loop timers rather than asyncio.timeout(): on
-    Python 3.11 every get_running_loop() (which current_task() and
-    asyncio.timeout() call when not given the loop) makes a getpid() system
-    call. The idle deadline is one timer checked against the last chunk's
-    time, not a timer re-armed for every chunk.
+    The deadlines are loop timers rather than asyncio.timeout(): on Python
+    3.11 every get_running_loop() (which current_task() and asyncio.timeout()
+    call when not given the loop) makes a getpid() system call. The whole
+    exchange's shares a timer with the others due at about the same time
+    (fluxgate.deadlines); the idle deadline is one timer checked against the
+    last chunk's time, not a timer re-armed for every chunk.
     """
 
-    __slots__ = ("connection", "ex", "idle", "last_chunk", "loop", "phase", "task", "timer")
+    __slots__ = (
+        "connection", "deadlines", "ex", "idle", "last_chunk", "loop", "phase", "slot", "task",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -76,12 +80,14 @@ class Guard:
         connection: ClientLink,
         ex: Exchange,
         timeouts: Timeouts,
+        deadlines: Deadlines,
     ) -> None:
         task = asyncio.current_task(loop)
         assert task is not None
         self.loop, self.task, self.ex, self.connection = loop, task, ex, connection
         connection.on_lost = self.client_gone
-        self.timer = loop.call_later(timeouts.request, self._expired, "total")
+        self.deadlines = deadlines
+        self.slot = deadlines.add(timeouts.request, self._total_expired)
         self.phase: asyncio.TimerHandle | None = None  # first byte, then idle
         self.idle = 0.0
         self.last_chunk = 0.0
@@ -90,6 +96,9 @@ class Guard:
         if not self.ex.finished:
             self.ex.client_gone = True
             self.task.cancel()
+
+    def _total_expired(self) -> None:
+        self._expired("total")
 
     def _expired(self, which: str) -> None:
         if not self.ex.finished and not self.ex.client_gone and self.ex.timeout is None:
@@ -146,7 +155,7 @@ class Guard:
 
     def close(self) -> None:
         self.ex.finished = True
-        self.timer.cancel()
+        self.deadlines.cancel(self.slot, self._total_expired)
         self.head_arrived()
         self.connection.on_lost = None
 
@@ -226,13 +235,14 @@ class Forwarder:
         self.loop = loop
         self.metrics = metrics
         self.pools = KeyPools()
+        self.deadlines = Deadlines(loop)  # each exchange's whole deadline
         metrics.benched = self.pools.benched
 
     async def forward(
         self, upstream: Upstream, scope: Scope, receive: Any, send: Any, ex: Exchange
     ) -> None:
         ex.upstream = upstream.name
-        guard = Guard(self.loop, scope[CONNECTION_SCOPE_KEY], ex, upstream.timeouts)
+        guard = Guard(self.loop, scope[CONNECTION_SCOPE_KEY], ex, upstream.timeouts, self.deadlines)
         response: aiohttp.ClientResponse | None = None
         complete = False
         self.metrics.open_stream(upstream.name)
