@@ -231,6 +231,9 @@ class FluxgateProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # In place of the one uvicorn has just made (its class cannot be chosen):
+        # that one goes at once, with its Event, rather than living as long as the
+        # connection.
         self.flow = _FlowControl(transport)
         # Over the limit, the connection is still read so that its request
         # gets a real 503 rather than a silent close.
