@@ -42,6 +42,7 @@ from .metrics import WorkerMetrics
 from .relay import relay_body
 from .routing import upstream_target
 from .upstream import UpstreamClient, upstream_failure
+from .upstream_wire import UpstreamResponse
 from .usage import open_tap
 
 # Which deadline passed: what the client gets before a response, and the log's
@@ -243,7 +244,7 @@ class Forwarder:
     ) -> None:
         ex.upstream = upstream.name
         guard = Guard(self.loop, scope[CONNECTION_SCOPE_KEY], ex, upstream.timeouts, self.deadlines)
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         complete = False
         self.metrics.open_stream(upstream.name)
         try:
@@ -275,13 +276,12 @@ class Forwarder:
 
     async def open(
         self, upstream: Upstream, scope: Scope, receive: Any, ex: Exchange, guard: Guard
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request, on the next key while failover applies; return the
         response head the client gets, or raise its 502/504."""
         # ASCII only (the parser refuses other bytes in a request-target).
         path_qs = upstream_target(upstream, ex.target).decode("latin-1")
         ex.target_url = upstream.origin + path_qs
-        url = upstream.origin_url.with_path(path_qs, encoded=True)  # not URL(): keeps a bare "?"
         headers = upstream_headers(scope["headers"], upstream, ex.connection_tokens)
         pool = self.pools.pool(upstream) if len(upstream.keys) > 1 else None
         # Kept for a replay only where one can happen: a pool that may fail over.
@@ -304,7 +304,8 @@ class Forwarder:
             try:
                 response = await self.client.request(
                     ex.method,
-                    url,
+                    upstream.origin_url,
+                    path_qs,
                     _with_key(headers, key, pool is not None),
                     whole if whole is not None or body is None else body.stream(),
                     upstream.timeouts.connect,
@@ -367,7 +368,7 @@ def _may_retry(
 
 
 async def start_relay(
-    upstream: Upstream, response: aiohttp.ClientResponse, send: Any, ex: Exchange, guard: Guard
+    upstream: Upstream, response: UpstreamResponse, send: Any, ex: Exchange, guard: Guard
 ) -> Coroutine[Any, Any, None]:
     """Send the response head; return what relays the body as each chunk arrives
     (fluxgate.relay), to await in the caller's frame: no frame of this one, nor

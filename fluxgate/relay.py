@@ -20,11 +20,10 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from .exchange import ClientLink, Exchange
 from .protocol import client_body
-from .upstream import stream_body, streamable, unstream_body
+from .upstream_body import stream_body, streamable, unstream_body
+from .upstream_wire import UpstreamResponse
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler
@@ -94,7 +93,7 @@ class BodyRelay:
             self._paused = False
             self._upstream.resume_reading()
 
-    async def run(self, response: aiohttp.ClientResponse, link: ClientLink) -> None:
+    async def run(self, response: UpstreamResponse, link: ClientLink) -> None:
         """Until the body has ended; raises how it failed (aiohttp's error)."""
         upstream = stream_body(response, self)
         if upstream is not None:
@@ -114,7 +113,7 @@ class BodyRelay:
 
 
 def relay_body(
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     send: Any,
     link: ClientLink,
     ex: Exchange,
@@ -132,7 +131,7 @@ def relay_body(
 
 
 async def _through_send(
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     send: Any,
     ex: Exchange,
     tap: Tap | None,

@@ -1,33 +1,32 @@
 """The upstream HTTP client: one aiohttp connection pool per worker, used as a pure relay.
 
 A stock `ClientSession` adds headers, decompresses bodies, keeps cookies,
-follows redirects and cuts requests after 300 s. Each of those would make the
-proxy unfaithful (docs/architecture.md, "Library traps"), so none of it is used: requests go
-through aiohttp's connector, `ClientRequest` and `ClientResponse` directly
+follows redirects and cuts requests after 300 s. Each of those would make
+the proxy unfaithful (docs/architecture.md, "Library traps"), so none of it
+is used: requests go through aiohttp's connector directly
 (`UpstreamClient`), with nothing added and nothing decoded. The mapping from
-client exceptions to the statuses of README "Request handling", step 10 lives beside it.
+client exceptions to the statuses of README "Request handling", step 10
+lives beside it.
 
-A response body can also be taken from aiohttp chunk by chunk, in the
-callback that parses it (`stream_body`): the relay (fluxgate.relay) writes
-each chunk to the client there, with no task woken per chunk.
+A request whose body is all here is written by Fluxgate itself and its
+response read from the connection's parser (fluxgate.upstream_wire); the
+connections' protocol, and the response bodies handed to the relay as they
+are parsed, are fluxgate.upstream_body's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.payload import AsyncIterablePayload
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import (
@@ -39,14 +38,19 @@ from .errors import (
     UPSTREAM_UNREACHABLE,
     ProxyError,
 )
+from .upstream_body import RelayResponseHandler, relay_handler
+from .upstream_wire import (
+    NO_HEADERS,
+    PlainResponse,
+    UpstreamResponse,
+    request_head,
+    unsolicited_interim,
+)
 
 # The one header aiohttp would still add to a request built from a complete
 # header list: the body payload's Content-Type (application/octet-stream for a
 # stream). Built once, read by every request.
 _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
-# What a response keeps of its request's headers (`VerbatimRequest.request_info`),
-# and of its own once its body streams (`stream_body`).
-_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -57,6 +61,12 @@ _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "D
 _BODY_MAY_BE_IGNORED: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)
 _READ_BUFSIZE: Final = 2**16
+# A body this small goes in the same write as the head (copied once); a larger
+# one is written after it, not copied.
+_JOINED_BODY: Final = 2**16
+# Origins whose connect request is kept (`UpstreamClient._connect_request`): more
+# than a config has upstreams; reloads that change them start the table again.
+_CONNECT_REQUESTS: Final = 256
 _MAX_LINE_SIZE: Final = 8190
 _MAX_FIELD_SIZE: Final = 8190
 _MAX_HEADERS: Final = 128
@@ -84,7 +94,7 @@ class VerbatimRequest(aiohttp.ClientRequest):
         request: not its headers. They hold the provider key, which an error's
         repr would otherwise print; and an open stream would keep them, with
         what serializing them left cached, for as long as it lasts."""
-        return aiohttp.RequestInfo(self.url, self.method, _NO_HEADERS, self.original_url)
+        return aiohttp.RequestInfo(self.url, self.method, NO_HEADERS, self.original_url)
 
     def update_auto_headers(self, skip_auto_headers: Any) -> None:
         self._skip_auto_headers = _SKIP_AUTO_HEADERS
@@ -96,213 +106,16 @@ class VerbatimRequest(aiohttp.ClientRequest):
             self.headers.pop(hdrs.CONTENT_LENGTH, None)
 
 
-class _RelayResponseHandler(ResponseHandler):
-    """aiohttp's connection protocol, marked unusable by any byte that arrives between exchanges.
-
-    aiohttp checks a pooled connection only for being open. Bytes the upstream
-    sends while it sits in the pool (a stray response, or the answer to a
-    request a client smuggled in a body the upstream did not read as one) are
-    parsed and queued as the *next* response, which the next client would get
-    (docs/security.md). A whole queued message already shows in `should_close`; this
-    flag covers a partial one, which a fresh parser would otherwise take up
-    mid-message.
-
-    It also tells a streamed body's sink when a read has been parsed
-    (`stream_body`), and fails a body that does not parse.
-    """
-
-    idle = False  # the last response has ended and no exchange is running
-    # A body handed to a sink (`stream_body`): its reader, the sink, and whether
-    # the body is chunked.
-    streaming: tuple[StreamReader, BodySink, bool] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
-            self.force_close()
-        super().data_received(data)
-        if self.streaming is not None:  # what this read held has been parsed
-            self.streaming[1].flush()
-
-    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
-        super().set_exception(exc, *args, **kwargs)
-        # aiohttp puts a body that fails to parse (a malformed chunk) on the
-        # protocol but not on the body's reader, and closing the transport then
-        # tells it nothing either: its reader, or the relay's sink, would wait
-        # for the rest until a deadline. It fails now, as a cut body.
-        payload = self._payload
-        if payload is not None and not payload.is_eof() and payload.exception() is None:
-            payload.set_exception(aiohttp.ClientPayloadError("response body not completed"))
-
-    def went_idle(self) -> None:
-        self.idle = True
-
-
-class BodySink(Protocol):
-    """Where `stream_body` hands a response body: called from aiohttp's parser."""
-
-    def chunk(self, data: bytes) -> None: ...
-
-    def flush(self) -> None:
-        """The chunks of one read from the upstream have all been handed over.
-
-        One read may hold many chunks (a hostile upstream's thousands of
-        one-byte ones): a sink that writes them out together here makes one
-        write to the client per read from the upstream, as nginx does."""
-
-    def ended(self, error: BaseException | None) -> None:
-        """The body ended (None) or failed (aiohttp's error); called once, the
-        chunks before it flushed or not."""
-
-
-class _StreamedReader(StreamReader):
-    """A response body's reader whose chunks go to a sink rather than to a buffer.
-
-    `stream_body` gives a response's reader this class once its buffered
-    chunks are taken, and binds the sink on the connection's protocol; the
-    end, a failure or `unstream_body` give it aiohttp's class back. So a
-    reader called after its exchange (aiohttp's `release` marks it closed,
-    even after its end, when its connection may carry the next exchange) is
-    aiohttp's own again and reaches no sink. No slots of its own: the class
-    of an object made by aiohttp's parser can only be swapped for one with
-    its layout. While swapped it holds no buffers (`_swap`).
-    """
-
-    __slots__ = ()
-
-    def feed_data(self, data: bytes, size: int = 0) -> bool:
-        if data:
-            self._protocol.streaming[1].chunk(data)  # type: ignore[attr-defined]
-        return False
-
-    # A sink keeps no chunk: there are no HTTP chunk boundaries to count (aiohttp
-    # pauses reading after enough of them when they are buffered).
-    def begin_http_chunk_receiving(self) -> None:
-        pass
-
-    def end_http_chunk_receiving(self) -> None:
-        pass
-
-    def feed_eof(self) -> None:
-        sink = self._unbind()  # aiohttp's class again: no `super()` from here
-        StreamReader.feed_eof(self)  # its callbacks put the connection back in the pool
-        sink.ended(None)
-
-    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
-        sink = self._unbind()  # aiohttp's class again: no `super()` from here
-        StreamReader.set_exception(self, exc, *args, **kwargs)
-        sink.ended(exc)
-
-    def _unbind(self) -> BodySink:
-        protocol = cast(_RelayResponseHandler, self._protocol)
-        assert protocol.streaming is not None and protocol.streaming[0] is self
-        return _unswap(protocol)
-
-
-# What a buffer that stays empty while a body streams is replaced with (`_swap`):
-# nothing can be put in it, so a library call that tried would fail at once.
-_NOTHING_BUFFERED: Final[Any] = ()
-
-
-def _swap(content: StreamReader, protocol: _RelayResponseHandler, sink: BodySink) -> None:
-    """Bind `sink` to the body, and let go of the buffers that stay empty meanwhile.
-
-    They are the reader's buffer and its queue of chunk boundaries, and the
-    connection's queue of parsed responses (this one's has been read; the next
-    cannot be parsed before this body ends). An empty deque still holds a
-    block of 64 slots, and thousands of open streams each held three.
-    `_unswap` gives aiohttp fresh ones.
-    """
-    chunked = content._http_chunk_splits is not None
-    content._buffer = _NOTHING_BUFFERED
-    content._http_chunk_splits = None
-    if not protocol._buffer:
-        protocol._buffer = _NOTHING_BUFFERED
-    content.__class__ = _StreamedReader
-    protocol.streaming = (content, sink, chunked)
-
-
-def _unswap(protocol: _RelayResponseHandler) -> BodySink:
-    assert protocol.streaming is not None
-    content, sink, chunked = protocol.streaming
-    protocol.streaming = None
-    content.__class__ = StreamReader
-    content._buffer = collections.deque()
-    content._http_chunk_splits = collections.deque() if chunked else None
-    if protocol._buffer is _NOTHING_BUFFERED:
-        protocol._buffer = collections.deque()
-    return sink
-
-
-def streamable(response: aiohttp.ClientResponse) -> bool:
-    """Whether `stream_body` can take this response's body: its reader is
-    aiohttp's plain one (a HEAD's or a bodiless answer's is not, nor would
-    be a reader of another kind in a later aiohttp: read those as usual)."""
-    return type(response.content) is StreamReader
-
-
-def stream_body(response: aiohttp.ClientResponse, sink: BodySink) -> ResponseHandler | None:
-    """Hand the rest of `response`'s body to `sink` as aiohttp parses it.
-
-    What is already buffered goes to `sink.chunk` (and `flush`) at once. Returns the
-    connection's protocol, whose `pause_reading` and `resume_reading` hold
-    the upstream back while the client cannot take more; or None when the
-    body had already ended (`sink.ended` has been called). Until it ends,
-    `unstream_body` must undo it when the caller stops listening.
-
-    A body still to come is taken to mean that the head has been relayed:
-    what aiohttp parsed of it is let go (`_let_head_go`), so read any header
-    needed before.
-    """
-    content = response.content
-    assert type(content) is StreamReader, "not streamable"
-    error = content.exception()
-    if error is None and (buffered := content.read_nowait()):
-        sink.chunk(buffered)
-        sink.flush()
-    connection = response.connection
-    if error is None and not content.is_eof() and connection is None:
-        # Unfinished, yet nothing left to finish it: a cut body, never a whole one.
-        error = aiohttp.ClientPayloadError("response body not completed")
-    if error is not None or content.is_eof():
-        sink.ended(error)
-        return None
-    assert connection is not None
-    protocol = connection.protocol
-    assert isinstance(protocol, _RelayResponseHandler)
-    _let_head_go(response)
-    _swap(content, protocol, sink)
-    return protocol
-
-
-def _let_head_go(response: aiohttp.ClientResponse) -> None:
-    """Drop the response's parsed head: its header list, its raw headers and
-    the copies aiohttp cached of them. A stream can last minutes, and a
-    provider's head is often twenty headers or more."""
-    response._headers = _NO_HEADERS
-    response._raw_headers = ()
-    response._cache.pop("headers", None)
-    response._cache.pop("raw_headers", None)
-
-
-def unstream_body(protocol: ResponseHandler, sink: BodySink) -> None:
-    """`sink` hears no more of the body `stream_body` handed it (if it had not ended)."""
-    assert isinstance(protocol, _RelayResponseHandler)
-    if protocol.streaming is not None and protocol.streaming[1] is sink:
-        _unswap(protocol)
-
-
-def _relay_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:
-    return _RelayResponseHandler(loop=loop)
-
-
 class UpstreamClient:
     """The worker's connection pool to the upstreams, and one exchange at a time over it.
 
     `ClientSession.request` spends about as much CPU on per-call machinery
     (argument merging, URL rebuilding, cookie, proxy, auth, trace and timer
     bookkeeping; none of which a relay uses) as on the exchange itself. This
-    drives aiohttp's own parts directly, as the session does: the connector's
-    keep-alive pool, `ClientRequest.send` and `ClientResponse.start`. Only
+    drives aiohttp's own parts directly: the connector's keep-alive pool and
+    its connections' parser, with the request written here when it arrived
+    whole (fluxgate.upstream_wire), or `ClientRequest.send` and
+    `ClientResponse.start` when its body streams. Only
     the connect deadline is aiohttp's; the others (first byte, idle, total)
     are the caller's (fluxgate.forward), per exchange.
     Must be created with the worker's loop running.
@@ -315,7 +128,7 @@ class UpstreamClient:
             keepalive_timeout=30,
         )
         # aiohttp has no public way to choose the protocol class of its connections.
-        self.connector._factory = functools.partial(_relay_handler, asyncio.get_running_loop())
+        self.connector._factory = functools.partial(relay_handler, asyncio.get_running_loop())
         # Never used to send; responses keep a reference to it, and closing
         # it closes the connector.
         self.session = aiohttp.ClientSession(
@@ -326,6 +139,7 @@ class UpstreamClient:
             trust_env=False,
         )
         self._loop = asyncio.get_running_loop()
+        self._connect_requests: dict[tuple[URL, ssl.SSLContext | bool], aiohttp.ClientRequest] = {}
 
     async def close(self) -> None:
         await self.session.close()
@@ -333,13 +147,15 @@ class UpstreamClient:
     async def request(
         self,
         method: str,
-        url: URL,
+        origin: URL,
+        target: str,
         headers: list[tuple[str, str]],
         body: bytes | AsyncIterator[bytes] | None,
         connect_timeout: float,
         ssl: ssl.SSLContext | bool = True,
-    ) -> aiohttp.ClientResponse:
-        """Send the request head (and `body`: bytes, or streamed), return once the
+    ) -> UpstreamResponse:
+        """Send the request head for `target` (path and query, as the client sent
+        them) at `origin`, and `body` (bytes, or streamed); return once the
         response head is in.
 
         `connect_timeout` bounds getting a connection (TCP and TLS); a pooled
@@ -352,72 +168,90 @@ class UpstreamClient:
         timeout = _connect_timeout(connect_timeout)
         while True:
             try:
-                return await self._exchange(method, url, headers, body, timeout, ssl)
+                if body is None or isinstance(body, bytes):
+                    return await self._send_whole(method, origin, target, headers, body,
+                                                  timeout, ssl)  # fmt: skip
+                return await self._send_streamed(method, origin, target, headers, body,
+                                                 timeout, ssl)  # fmt: skip
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
                 if not retry:
                     raise
                 retry = False
 
-    async def _exchange(
+    async def _send_whole(
         self,
         method: str,
-        url: URL,
+        origin: URL,
+        target: str,
         headers: list[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | None,
         timeout: aiohttp.ClientTimeout,
-        ssl: ssl.SSLContext | bool = True,
+        ssl: ssl.SSLContext | bool,
+    ) -> UpstreamResponse:
+        """A request whose body is all here, or that has none: head and body
+        written at once, the response read straight from aiohttp's parser.
+
+        For such a request aiohttp's `ClientRequest` would build a URL, a header
+        table, a payload, a stream writer and a task to send the body from,
+        and its `ClientResponse` a request record and a timer: none of which a
+        relay with its head complete needs. The connector still gives the
+        connection, and its protocol's parser still reads the response.
+        """
+        head = request_head(method, target, headers)
+        conn, protocol = await self._connection(
+            self._connect_request(origin, ssl), method, body is not None, timeout
+        )
+        try:
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+            if not body:
+                transport.write(head)
+            elif len(body) <= _JOINED_BODY:  # one system call, one small copy
+                transport.write(head + body)
+            else:
+                transport.writelines((head, body))
+            return await PlainResponse.start(conn, protocol, origin, method)
+        except OSError as exc:
+            conn.close()
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise
+            raise aiohttp.ClientOSError(*exc.args) from exc
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _send_streamed(
+        self,
+        method: str,
+        origin: URL,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes],
+        timeout: aiohttp.ClientTimeout,
+        ssl: ssl.SSLContext | bool,
     ) -> aiohttp.ClientResponse:
-        data: bytes | AsyncIterablePayload | None = None
-        if isinstance(body, bytes):
-            data = body
-        elif body is not None:
-            # Its payload made here: aiohttp's registry would find the kind of an
-            # async iterator by trying every kind it knows in turn.
-            data = AsyncIterablePayload(body)
+        """A request whose body is still arriving: aiohttp's `ClientRequest` sends
+        it chunk by chunk from a task of its own while the response may
+        already come (an early refusal), and its `ClientResponse` ends that task."""
         req = VerbatimRequest(
             method,
-            url,
+            origin.with_path(target, encoded=True),  # not URL(): keeps a bare "?"
             headers=headers,
-            data=data,
+            # Its payload made here: aiohttp's registry would find the kind of an
+            # async iterator by trying every kind it knows in turn.
+            data=AsyncIterablePayload(body),
             loop=self._loop,
             session=self.session,
             ssl=ssl,
         )
-        conn = await self._connect(req, timeout)
-        protocol = conn.protocol
-        assert isinstance(protocol, _RelayResponseHandler)
-        while protocol.should_close:
-            # A pooled connection with something left on it: unread bytes, a
-            # previous response not read to its end, a close the upstream
-            # asked for. Never reused (as nginx does); the next pooled or a new one.
-            conn.close()
-            conn = await self._connect(req, timeout)
-            protocol = conn.protocol
-            assert isinstance(protocol, _RelayResponseHandler)
-        protocol.idle = False
-        if body is not None and method in _BODY_MAY_BE_IGNORED:
-            protocol.force_close()
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-            read_bufsize=_READ_BUFSIZE,
-            max_line_size=_MAX_LINE_SIZE,
-            max_field_size=_MAX_FIELD_SIZE,
-            max_headers=_MAX_HEADERS,
-        )
+        conn, protocol = await self._connection(req, method, True, timeout)
         try:
             resp = await req.send(conn)
             try:
                 await resp.start(conn)
                 if resp.status < 200:
-                    # aiohttp reads past 100 and the other interim responses but
-                    # returns a 101, which nothing here asked for (Upgrade is never
-                    # forwarded): relayed, it would make the client connection a
-                    # tunnel to the upstream. A bad response, and the connection goes.
-                    raise aiohttp.ClientResponseError(
-                        resp.request_info, (), status=resp.status, message="unsolicited 1xx"
-                    )
+                    raise unsolicited_interim(resp.request_info, resp.status)
             except BaseException:
                 resp.close()
                 raise
@@ -433,7 +267,57 @@ class UpstreamClient:
             raise
         return resp
 
-    async def _connect(self, req: VerbatimRequest, timeout: aiohttp.ClientTimeout) -> Connection:
+    async def _connection(
+        self,
+        req: aiohttp.ClientRequest,
+        method: str,
+        has_body: bool,
+        timeout: aiohttp.ClientTimeout,
+    ) -> tuple[Connection, RelayResponseHandler]:
+        """A connection for `req`'s origin from the pool, or a new one, set to
+        parse the answer to `method`."""
+        conn = await self._connect(req, timeout)
+        protocol = conn.protocol
+        assert isinstance(protocol, RelayResponseHandler)
+        while protocol.should_close:
+            # A pooled connection with something left on it: unread bytes, a
+            # previous response not read to its end, a close the upstream
+            # asked for. Never reused (as nginx does); the next pooled or a new one.
+            conn.close()
+            conn = await self._connect(req, timeout)
+            protocol = conn.protocol
+            assert isinstance(protocol, RelayResponseHandler)
+        protocol.idle = False
+        if has_body and method in _BODY_MAY_BE_IGNORED:
+            protocol.force_close()
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_bufsize=_READ_BUFSIZE,
+            max_line_size=_MAX_LINE_SIZE,
+            max_field_size=_MAX_FIELD_SIZE,
+            max_headers=_MAX_HEADERS,
+        )
+        return conn, protocol
+
+    def _connect_request(self, origin: URL, ssl: ssl.SSLContext | bool) -> aiohttp.ClientRequest:
+        """What the connector reads to find or make a connection to `origin` (its
+        host, port and TLS setting): one request per origin and setting, never sent."""
+        key = (origin, ssl)
+        req = self._connect_requests.get(key)
+        if req is None:
+            if len(self._connect_requests) >= _CONNECT_REQUESTS:  # upstreams changed by reloads
+                self._connect_requests.clear()
+            req = aiohttp.ClientRequest(
+                "GET", origin, loop=self._loop, session=self.session, ssl=ssl
+            )
+            self._connect_requests[key] = req
+        return req
+
+    async def _connect(
+        self, req: aiohttp.ClientRequest, timeout: aiohttp.ClientTimeout
+    ) -> Connection:
         try:
             return await self.connector.connect(req, traces=[], timeout=timeout)
         except TimeoutError as exc:  # what ClientSession turns into this

@@ -1,4 +1,4 @@
-"""A response body handed to a sink as aiohttp parses it (fluxgate.upstream `stream_body`).
+"""A response body handed to a sink as aiohttp parses it (fluxgate.upstream_body `stream_body`).
 
 The relay (fluxgate.relay) writes each chunk to the client in the callback
 that parsed it. These tests drive `UpstreamClient` against a scripted
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
 import pytest
@@ -21,10 +21,11 @@ from yarl import URL
 
 from fluxgate.exchange import ClientLink, Exchange
 from fluxgate.relay import BodyRelay
-from fluxgate.upstream import UpstreamClient, stream_body, streamable, unstream_body
+from fluxgate.upstream import UpstreamClient
+from fluxgate.upstream_body import stream_body, streamable, unstream_body
+from fluxgate.upstream_wire import UpstreamResponse
 from tests.conftest import OPENAI_KEY
-
-Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
+from tests.scripted_upstream import ScriptedUpstream, Step, run
 
 
 class Sink:
@@ -46,58 +47,10 @@ class Sink:
         self.done.set()
 
 
-class ScriptedUpstream:
-    """Answers the n-th request of the server with `scripts[n]`, on one keep-alive
-    connection or several; closes a connection when a script ends with b""."""
-
-    def __init__(self, *scripts: list[Step]) -> None:
-        self.scripts = list(scripts)
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> URL:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return URL(f"http://127.0.0.1:{port}/x")
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while self.scripts:
-                await reader.readuntil(b"\r\n\r\n")
-                for step in self.scripts.pop(0):
-                    if isinstance(step, asyncio.Event):
-                        await step.wait()
-                    elif step == b"":
-                        return
-                    else:
-                        writer.write(step)
-                        await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-def run(test: Callable[[UpstreamClient], Awaitable[None]]) -> None:
-    """`test` with a worker's upstream client, in a loop of its own, within 10 s."""
-
-    async def with_client() -> None:
-        client = UpstreamClient()
-        try:
-            await test(client)
-        finally:
-            await client.close()
-
-    asyncio.run(asyncio.wait_for(with_client(), 10))
-
-
-async def get(client: UpstreamClient, url: URL) -> aiohttp.ClientResponse:
-    return await client.request("GET", url, [("Host", url.host or "")], None, 5.0)
+async def get(client: UpstreamClient, url: URL) -> UpstreamResponse:
+    return await client.request(
+        "GET", url.origin(), url.raw_path_qs, [("Host", url.host or "")], None, 5.0
+    )
 
 
 HEAD_CHUNKED = (
@@ -284,20 +237,29 @@ def test_a_response_whose_body_streams_keeps_nothing_of_its_head() -> None:
     run(test)
 
 
-def test_a_response_keeps_none_of_its_requests_headers() -> None:
+async def _small_body() -> AsyncIterator[bytes]:
+    yield b"{}"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole-body", "streamed-body"])
+def test_a_response_keeps_none_of_its_requests_headers(streamed: bool) -> None:
     # They carry the provider key: aiohttp puts the request's headers in the
     # errors it makes from a response, whose repr a log line could print.
     async def test(client: UpstreamClient) -> None:
-        whole, switching = [HEAD_LENGTH + b"aaaabbbbcccc"], [b"HTTP/1.1 101 Go\r\n\r\n"]
-        async with ScriptedUpstream(whole, switching) as url:
-            headers = [("Host", url.host or ""), ("Authorization", f"Bearer {OPENAI_KEY}")]
-            response = await client.request("GET", url, list(headers), None, 5.0)
-            assert response.request_info.url == url
-            assert not response.request_info.headers
-            await response.read()
+        headers = [("Host", "127.0.0.1"), ("Authorization", f"Bearer {OPENAI_KEY}")]
+
+        def send(url: URL) -> Awaitable[UpstreamResponse]:
+            body = _small_body() if streamed else b"{}"
+            return client.request("POST", url.origin(), url.raw_path_qs, headers[:], body, 5.0)
+
+        async with ScriptedUpstream([HEAD_LENGTH + b"aaaabbbbcccc"]) as url:
+            response = await send(url)
+            assert all(OPENAI_KEY not in repr(kept) for kept in gc.get_referents(response))
+            assert await response.content.read() == b"aaaabbbbcccc"
             response.release()
+        async with ScriptedUpstream([b"HTTP/1.1 101 Go\r\n\r\n"]) as url:
             with pytest.raises(aiohttp.ClientResponseError) as refused:  # an unsolicited 1xx
-                await client.request("GET", url, list(headers), None, 5.0)
+                await send(url)
             assert OPENAI_KEY not in repr(refused.value) + str(refused.value)
 
     run(test)
