@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from .client_response import send_head
 from .config import ProviderKey, Timeouts, Upstream
 from .deadlines import Deadlines
 from .errors import (
@@ -373,13 +374,9 @@ async def start_relay(
     """Send the response head; return what relays the body as each chunk arrives
     (fluxgate.relay), to await in the caller's frame: no frame of this one, nor
     the head's headers, stays alive for as long as a stream lasts."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": client_headers(response.raw_headers),
-        }
-    )
+    status, headers = response.status, client_headers(response.raw_headers)
+    if not send_head(send, status, headers):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
     ex.response_started = True
     tap = None
     if upstream.usage is not None:  # read the provider's token usage as it passes

@@ -68,14 +68,6 @@ def wire_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
 def upstream_headers(
     headers: list[tuple[bytes, bytes]],
     upstream: Target,
@@ -101,9 +93,22 @@ def upstream_headers(
 
 
 def client_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
-    """Response headers for the client, from the upstream's (names as sent)."""
-    lowered = [(name.lower(), value) for name, value in raw_headers]
-    drop = HOP_BY_HOP
-    if any(name == b"connection" for name, _ in lowered):
-        drop = drop | _connection_tokens(lowered)
-    return [item for item in lowered if item[0] not in drop]
+    """Response headers for the client, from the upstream's (names lower-cased, as
+    uvicorn would write them): all but the hop-by-hop ones and those a
+    `Connection` header names. One pass; a second only when a `Connection`
+    header names something that is not hop-by-hop already (rare: most say
+    `keep-alive` or `close`)."""
+    out: list[tuple[bytes, bytes]] = []
+    named: list[bytes] | None = None
+    for name, value in raw_headers:
+        name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                named = (named or []) + value.split(b",")
+            continue
+        out.append((name, value))
+    if named is not None:
+        tokens = {token.strip().lower() for token in named} - HOP_BY_HOP
+        if tokens:
+            return [item for item in out if item[0] not in tokens]
+    return out

@@ -18,8 +18,9 @@ from typing import Any, Final
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .client_response import ResponseWriter
 from .errors import (
     HEAD_TIMED_OUT,
     HEAD_TOO_LARGE,
@@ -60,108 +61,16 @@ class _Rejected(Exception):
     """Stops the parser once a rejection response has been written."""
 
 
+# The request headers `on_headers_complete` looks at: one set lookup passes over
+# the others.
+_SCANNED_HEADERS: Final = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"}
+)
+
+
 def _codings(value: bytes) -> list[bytes]:
     """A Transfer-Encoding value's codings; empty list elements are allowed (RFC 9110 §5.6.1)."""
     return [coding for item in value.split(b",") if (coding := item.strip().lower())]
-
-
-class _ResponseWriter:
-    """The transport as one request cycle sees it: its first write (the
-    response head) is held until the next write or the end of the loop turn.
-
-    uvicorn writes the head when the app sends `http.response.start`, and the
-    body at the next message. For a response that arrived whole from the
-    upstream (most non-streaming replies) those are two system calls where
-    one will do; an SSE head whose first event is not there yet still goes
-    out in the same loop turn.
-    """
-
-    __slots__ = ("_held", "_hold", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._hold = True
-        self._held: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        if self._hold:
-            self._hold = False
-            self._held = data
-            self._loop.call_soon(self.flush)
-        elif self._held is not None:
-            held, self._held = self._held, None
-            self._transport.writelines((held, data))
-        else:
-            self._transport.write(data)
-
-    def flush(self) -> None:
-        if self._held is not None:
-            held, self._held = self._held, None
-            if not self._transport.is_closing():
-                self._transport.write(held)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-
-class ClientBody:
-    """A response's body chunks, written straight to the client's transport.
-
-    The relay's path for each chunk (fluxgate.relay): framed exactly as
-    uvicorn's `send` frames an `http.response.body` message (a chunk of its
-    own under chunked encoding, counted against Content-Length otherwise,
-    nothing for HEAD or once the client is gone), without the message, the
-    coroutine and the flow check `send` costs per chunk. The head and the
-    end of the response still go through `send`, so uvicorn's cycle keeps
-    deciding keep-alive and completion. Made by `client_body`.
-    """
-
-    __slots__ = ("_chunked", "_cycle", "_discard", "_out", "_transport")
-
-    def __init__(self, cycle: RequestResponseCycle) -> None:
-        self._cycle = cycle
-        # The first write goes through the cycle's writer, which may hold the
-        # head to send it with it; the later ones straight to the transport.
-        writer = cycle.transport
-        self._out: Any = writer
-        self._transport = writer._transport if isinstance(writer, _ResponseWriter) else writer
-        self._chunked = bool(cycle.chunked_encoding)
-        self._discard = cycle.scope["method"] == "HEAD"
-
-    @property
-    def paused(self) -> bool:
-        """The client's socket buffer is over its high-water mark."""
-        return self._cycle.flow.write_paused
-
-    def write(self, chunk: bytes) -> None:
-        if self._discard:
-            return
-        if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        else:
-            # Counted even when not written: a client that hung up closes the
-            # transport a loop turn before uvicorn hears of it, and `send`'s end
-            # would meanwhile find the body short of its Content-Length.
-            self._cycle.expected_content_length -= len(chunk)
-            data = chunk
-        if not self._transport.is_closing():
-            self._out.write(data)
-            self._out = self._transport
-
-
-def client_body(send: Any) -> ClientBody | None:
-    """The `ClientBody` of the response `send` (the app's ASGI send) has started,
-    or None when `send` is not a cycle's of this protocol (then the relay
-    sends each chunk through it)."""
-    cycle = getattr(send, "__self__", None) or getattr(send, "cycle", None)
-    if isinstance(cycle, RequestResponseCycle) and cycle.response_started:
-        return ClientBody(cycle)
-    return None
 
 
 class _FlowControl(FlowControl):
@@ -375,6 +284,8 @@ class FluxgateProtocol(HttpToolsProtocol):
         length: int | None = None
         tokens: set[bytes] | None = None
         for name, value in self.headers:
+            if name not in _SCANNED_HEADERS:
+                continue
             if name == b"host":
                 hosts += 1
             elif name == b"content-length":
@@ -413,7 +324,7 @@ class FluxgateProtocol(HttpToolsProtocol):
         self.scope[CONNECTION_SCOPE_KEY] = self.link  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
         cycle = self.cycle
-        cycle.transport = _ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
+        cycle.transport = ResponseWriter(self.transport, self.loop)  # type: ignore[assignment]
         if self.expect_100_continue:
             cycle.send = _closing_if_answered_before_continue(cycle)  # type: ignore[method-assign,assignment]
 
@@ -494,5 +405,5 @@ def _closing_if_answered_before_continue(
             cycle.keep_alive = False
         await send(message)
 
-    closing_send.cycle = cycle  # type: ignore[attr-defined]  # for `client_body`
+    closing_send.cycle = cycle  # type: ignore[attr-defined]  # for fluxgate.client_response
     return closing_send

@@ -20,15 +20,15 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from .client_response import client_body
 from .exchange import ClientLink, Exchange
-from .protocol import client_body
 from .upstream_body import stream_body, streamable, unstream_body
 from .upstream_wire import UpstreamResponse
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler
 
-    from .protocol import ClientBody
+    from .client_response import ClientBody
     from .usage import Tap
 
 

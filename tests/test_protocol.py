@@ -23,9 +23,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 import fluxgate.protocol
+from fluxgate.client_response import ClientBody, client_body, send_head
 from fluxgate.exchange import EXCHANGE_SCOPE_KEY
 from fluxgate.limits import ConnectionGate, ConnectionTable
-from fluxgate.protocol import MAX_HEAD_BYTES, ClientBody, FluxgateProtocol, client_body
+from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
 
 GET = b"GET /openai/v1/models HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
@@ -722,6 +723,105 @@ def test_a_relayed_body_goes_out_byte_for_byte_as_sends_would_write_it(
         conn.lose()
     assert wire[0] == wire[1]
     assert wire[0].startswith(b"HTTP/1.1 200 ")
+
+
+# The relayed response's head written straight to the transport (fluxgate.forward's path)
+
+
+def head_app(
+    status: int, headers: list[tuple[bytes, bytes]], direct: bool, taken: list[bool]
+) -> Any:
+    """Answers with `status` and `headers`: the head written by `send_head` when
+    `direct` (what it returned in `taken`), else by `send`; the body by `send`."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if direct:
+            taken.append(send_head(send, status, headers))
+        if not direct or not taken[-1]:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+        body = b"" if status in (204, 304) else b"hello"
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return app
+
+
+HEAD = b"HEAD /openai/v1/models HTTP/1.1\r\nHost: example.com\r\n\r\n"
+LENGTH_5 = (b"content-length", b"5")
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "headers"),
+    [
+        (GET, 200, [(b"content-type", b"application/json"), LENGTH_5]),
+        (GET, 200, [(b"content-type", b"text/event-stream")]),
+        (HEAD, 200, [LENGTH_5]),
+        (HEAD, 200, []),
+        (GET, 204, []),
+        (GET, 304, [(b"etag", b'"v1"')]),
+        (GET, 429, [(b"retry-after", b"7"), (b"x-note", b"tab\there"), LENGTH_5]),
+        (GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 200, [LENGTH_5]),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            200,
+            [LENGTH_5],
+        ),
+    ],
+    ids=["length", "chunked by uvicorn", "HEAD with length", "HEAD without", "204", "304",
+         "429 with a tab in a value", "client asked to close", "answered before 100 Continue"],
+)  # fmt: skip
+def test_a_relayed_head_goes_out_byte_for_byte_as_send_would_write_it(
+    loop: asyncio.AbstractEventLoop,
+    request_head: bytes,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    wire, closing, taken = [], [], []
+    for direct in (False, True):
+        conn = Connection(loop, gate=None, app=head_app(status, headers, direct, taken))
+        conn.feed(request_head)
+        wire.append(conn.transport.buffer)
+        closing.append(conn.transport.is_closing())
+        conn.lose()
+    assert taken == [True]
+    assert wire[0] == wire[1]
+    assert closing[0] == closing[1]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (200, [(b"x-a", b"1\r\nx-smuggled: 1")]),
+        (200, [(b"x-a", b"1\nx-b: 2")]),
+        (200, [(b"x-a", b"1\rx-b: 2")]),
+        (200, [(b"x-a", b"nul\x00")]),
+        (200, [(b"x a", b"1")]),
+        (200, [(b"x:a", b"1")]),
+        (200, [(b"content-length", b"five")]),
+        (200, [(b"transfer-encoding", b"chunked")]),
+        (200, [(b"connection", b"close")]),
+        (999, []),
+    ],
+    ids=["crlf in a value", "lf in a value", "cr in a value", "nul in a value",
+         "space in a name", "colon in a name", "length not a number",
+         "transfer-encoding", "connection", "unknown status"],
+)  # fmt: skip
+def test_a_head_send_would_refuse_or_decide_on_is_left_to_send(
+    loop: asyncio.AbstractEventLoop, status: int, headers: list[tuple[bytes, bytes]]
+) -> None:
+    untouched: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        cycle = send.__self__
+        before = (cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length)
+        declined = not send_head(send, status, headers)
+        after = (cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length)
+        untouched.append(declined and not cycle.response_started and before == after)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    assert untouched == [True]
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
 
 
 def test_a_relayed_body_writes_nothing_once_the_client_is_gone(
