@@ -11,6 +11,9 @@ as `send` would; the end of the response still goes through `send`, so
 uvicorn keeps deciding keep-alive and completion. Anything unusual (the
 client gone or its buffer full, another server's `send`) goes through `send`.
 
+A request body that arrived whole is taken from the cycle the same way
+(`take_body`).
+
 `ResponseWriter` is the transport as one request cycle sees it
 (fluxgate.protocol installs it): the head is held for the first body write.
 """
@@ -41,6 +44,27 @@ def _cycle_of(send: Any) -> RequestResponseCycle | None:
     for a request that expects 100 Continue); None for another server's."""
     cycle = getattr(send, "__self__", None) or getattr(send, "cycle", None)
     return cycle if isinstance(cycle, RequestResponseCycle) else None
+
+
+def take_body(receive: Any) -> bytes | None:
+    """The request body the cycle of `receive` holds, once all of it has arrived:
+    what `receive` would return, without its coroutine, its Event wait and its
+    message. None where `receive` must answer: another server's, a body still
+    to come, a client gone, a response complete, a 100 Continue still owed."""
+    cycle = _cycle_of(receive)
+    if (
+        cycle is None
+        or cycle.more_body
+        or cycle.disconnected
+        or cycle.response_complete
+        or cycle.waiting_for_100_continue
+    ):
+        return None
+    cycle.flow.resume_reading()
+    cycle.message_event.clear()
+    body = bytes(cycle.body)
+    cycle.body = bytearray()
+    return body
 
 
 def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> bool:

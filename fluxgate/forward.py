@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from .client_response import send_head
+from .client_response import send_head, take_body
 from .config import ProviderKey, Timeouts, Upstream
 from .deadlines import Deadlines
 from .errors import (
@@ -189,10 +189,12 @@ class RequestBody:
         """The body in one piece, when it has arrived whole (`Exchange.body_arrived`):
         no async iterator for aiohttp to drain. None when the client has gone
         meanwhile (`stream` then finds that out as before)."""
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk: bytes = message.get("body", b"")
+        chunk = take_body(self.receive)
+        if chunk is None:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
         self.ex.request_bytes += len(chunk)
         self._keep(chunk)
         self.complete = True

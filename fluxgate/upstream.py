@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.payload import AsyncIterablePayload
 from multidict import CIMultiDict
@@ -104,6 +105,16 @@ class VerbatimRequest(aiohttp.ClientRequest):
         super().update_body_from_data(body, _stacklevel + 1)
         if body is None and not had_length:
             self.headers.pop(hdrs.CONTENT_LENGTH, None)
+
+
+class _ConnectRequest(aiohttp.ClientRequest):
+    """What the connector reads to find or make a connection (its host, port and
+    TLS setting), never sent and never changed: its pool key is worked out once
+    rather than at every connection taken from the pool."""
+
+    @functools.cached_property
+    def connection_key(self) -> ConnectionKey:
+        return super().connection_key
 
 
 class UpstreamClient:
@@ -309,9 +320,7 @@ class UpstreamClient:
         if req is None:
             if len(self._connect_requests) >= _CONNECT_REQUESTS:  # upstreams changed by reloads
                 self._connect_requests.clear()
-            req = aiohttp.ClientRequest(
-                "GET", origin, loop=self._loop, session=self.session, ssl=ssl
-            )
+            req = _ConnectRequest("GET", origin, loop=self._loop, session=self.session, ssl=ssl)
             self._connect_requests[key] = req
         return req
 

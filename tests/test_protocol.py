@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 import fluxgate.protocol
-from fluxgate.client_response import ClientBody, client_body, send_head
+from fluxgate.client_response import ClientBody, client_body, send_head, take_body
 from fluxgate.exchange import EXCHANGE_SCOPE_KEY
 from fluxgate.limits import ConnectionGate, ConnectionTable
 from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
@@ -723,6 +723,60 @@ def test_a_relayed_body_goes_out_byte_for_byte_as_sends_would_write_it(
         conn.lose()
     assert wire[0] == wire[1]
     assert wire[0].startswith(b"HTTP/1.1 200 ")
+
+
+# A request body that arrived whole, taken from the cycle (fluxgate.forward's path)
+
+POST_HELLO = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
+
+
+@pytest.mark.parametrize("take", [False, True], ids=["receive", "take_body"])
+def test_a_whole_body_is_taken_as_receive_gives_it(
+    loop: asyncio.AbstractEventLoop, take: bool
+) -> None:
+    bodies: list[bytes | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = take_body(receive) if take else (await receive())["body"]
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn = Connection(loop, gate=None, app=app).feed(POST_HELLO + b"hello")
+    assert bodies == [b"hello"]
+    assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+    assert not conn.transport.is_closing()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "rest"),
+    [
+        (POST_HELLO + b"he", b"llo"),
+        (POST_HELLO.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"), b"hello"),
+    ],
+    ids=["body still to come", "100 Continue owed"],
+)
+def test_a_body_receive_must_answer_for_is_left_to_it(
+    loop: asyncio.AbstractEventLoop, request_head: bytes, rest: bytes
+) -> None:
+    taken: list[bytes | None] = []
+    received: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        taken.append(take_body(receive))
+        message = await receive()
+        while True:
+            received.append(message["body"])
+            if not message["more_body"]:
+                break
+            message = await receive()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn = Connection(loop, gate=None, app=app).feed(request_head)
+    conn.feed(rest)
+    assert taken == [None]
+    assert b"".join(received) == b"hello"
 
 
 # The relayed response's head written straight to the transport (fluxgate.forward's path)
