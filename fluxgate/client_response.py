@@ -7,9 +7,10 @@ a message and a flow check for every body chunk. For a relayed response
 stream event costs beyond the system calls, for headers that aiohttp's
 parser has already checked. `send_head` and `ClientBody` write the same
 bytes straight to the connection's transport and keep uvicorn's cycle state
-as `send` would; the end of the response still goes through `send`, so
-uvicorn keeps deciding keep-alive and completion. Anything unusual (the
-client gone or its buffer full, another server's `send`) goes through `send`.
+as `send` would, and `end_response` ends the response as `send` does (the
+cycle complete, the connection kept or closed as uvicorn decided, uvicorn's
+own completion hook called). Anything unusual (the client gone or its
+buffer full, another server's `send`) goes through `send`.
 
 A request body that arrived whole is taken from the cycle the same way
 (`take_body`).
@@ -37,6 +38,7 @@ _SEND_DECIDES: Final = frozenset({b"transfer-encoding", b"connection"})
 _CONNECTION_CLOSE: Final = b"connection: close\r\n"
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _NO_CHUNKED_BODY: Final = (204, 304)
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def _cycle_of(send: Any) -> RequestResponseCycle | None:
@@ -65,6 +67,38 @@ def take_body(receive: Any) -> bytes | None:
     body = bytes(cycle.body)
     cycle.body = bytearray()
     return body
+
+
+def end_response(send: Any) -> bool:
+    """End the started response as `send` does for its last, empty
+    `http.response.body`, if it can: the last chunk of a chunked body, the
+    cycle complete, the connection closed unless kept alive. False, having
+    changed nothing, where `send` must do it: another server's `send`, a
+    response not started or already complete, a client gone or whose buffer
+    is full, a body short of its Content-Length (`send` raises)."""
+    cycle = _cycle_of(send)
+    if (
+        cycle is None
+        or not cycle.response_started
+        or cycle.response_complete
+        or cycle.disconnected
+        or cycle.flow.write_paused
+    ):
+        return False
+    if cycle.scope["method"] == "HEAD":
+        cycle.expected_content_length = 0
+    elif cycle.chunked_encoding:
+        cycle.transport.write(_LAST_CHUNK)
+    elif cycle.expected_content_length:
+        return False
+    else:
+        cycle.transport.write(b"")  # as `send`: a head still held goes out now
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
 
 
 def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -185,8 +219,8 @@ class ClientBody:
     own under chunked encoding, counted against Content-Length otherwise,
     nothing for HEAD or once the client is gone), without the message, the
     coroutine and the flow check `send` costs per chunk. The head and the
-    end of the response still go through `send`, so uvicorn's cycle keeps
-    deciding keep-alive and completion. Made by `client_body`.
+    end are `send_head`'s and `end_response`'s (or `send`'s). Made by
+    `client_body`.
     """
 
     __slots__ = ("_chunked", "_cycle", "_discard", "_out", "_transport")

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from .client_response import send_head, take_body
+from .client_response import end_response, send_head, take_body
 from .config import ProviderKey, Timeouts, Upstream
 from .deadlines import Deadlines
 from .errors import (
@@ -261,7 +261,8 @@ class Forwarder:
                 exc.__traceback__ = None
                 ex.outcome = "upstream_body_error"
                 raise StreamAborted from None
-            await send(_END)
+            if not end_response(send):
+                await send(_END)
             complete = True
         except asyncio.CancelledError:
             if not guard.ours():

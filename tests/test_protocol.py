@@ -23,7 +23,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 import fluxgate.protocol
-from fluxgate.client_response import ClientBody, client_body, send_head, take_body
+from fluxgate.client_response import (
+    ClientBody,
+    client_body,
+    end_response,
+    send_head,
+    take_body,
+)
 from fluxgate.exchange import EXCHANGE_SCOPE_KEY
 from fluxgate.limits import ConnectionGate, ConnectionTable
 from fluxgate.protocol import MAX_HEAD_BYTES, FluxgateProtocol
@@ -785,16 +791,23 @@ def test_a_body_receive_must_answer_for_is_left_to_it(
 def head_app(
     status: int, headers: list[tuple[bytes, bytes]], direct: bool, taken: list[bool]
 ) -> Any:
-    """Answers with `status` and `headers`: the head written by `send_head` when
-    `direct` (what it returned in `taken`), else by `send`; the body by `send`."""
+    """Answers with `status`, `headers` and a body: the head by `send_head`, the
+    body by a `ClientBody` and the end by `end_response` when `direct` (what
+    the two returned in `taken`), else all through `send`."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b"" if status in (204, 304) else b"hello"
         if direct:
             taken.append(send_head(send, status, headers))
-        if not direct or not taken[-1]:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-        body = b"" if status in (204, 304) else b"hello"
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+            client = client_body(send)
+            assert client is not None
+            if body:
+                client.write(body)
+            taken.append(end_response(send))
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
 
@@ -836,7 +849,7 @@ def test_a_relayed_head_goes_out_byte_for_byte_as_send_would_write_it(
         wire.append(conn.transport.buffer)
         closing.append(conn.transport.is_closing())
         conn.lose()
-    assert taken == [True]
+    assert taken == [True, True]
     assert wire[0] == wire[1]
     assert closing[0] == closing[1]
 
@@ -876,6 +889,42 @@ def test_a_head_send_would_refuse_or_decide_on_is_left_to_send(
     conn = Connection(loop, gate=None, app=app).feed(GET)
     assert untouched == [True]
     assert conn.transport.buffer.startswith(b"HTTP/1.1 204 ")
+
+
+def test_a_response_ended_without_send_leaves_the_connection_to_the_next_request(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    taken: list[bool] = []
+    # Pipelined: the second waits for the first to complete.
+    conn = Connection(loop, gate=None, app=head_app(200, [LENGTH_5], True, taken)).feed(GET + GET)
+    assert conn.protocol.timeout_keep_alive_task is not None  # idle again: its timer armed
+    assert taken == [True, True, True, True]
+    assert conn.transport.buffer.count(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello") == 2
+    assert not conn.transport.is_closing()
+
+
+@pytest.mark.parametrize(
+    ("headers", "written"),
+    [([], None), ([(b"content-length", b"5")], b"hel")],
+    ids=["not started", "short of its length"],
+)
+def test_an_end_send_would_refuse_is_left_to_send(
+    loop: asyncio.AbstractEventLoop, headers: list[tuple[bytes, bytes]], written: bytes | None
+) -> None:
+    untouched: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        cycle = send.__self__
+        if written is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": written, "more_body": True})
+        untouched.append(not end_response(send) and not cycle.response_complete)
+        if written is None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    Connection(loop, gate=None, app=app).feed(GET)
+    assert untouched == [True]
 
 
 def test_a_relayed_body_writes_nothing_once_the_client_is_gone(
