@@ -223,13 +223,10 @@ class UpstreamClient:
             else:
                 transport.writelines((head, body))
             return await PlainResponse.start(conn, protocol, origin, method)
-        except OSError as exc:
-            conn.close()
-            if isinstance(exc, aiohttp.ClientError | TimeoutError):
-                raise
-            raise aiohttp.ClientOSError(*exc.args) from exc
-        except BaseException:
-            conn.close()
+        except BaseException as exc:
+            _abandon(conn, protocol)
+            if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise aiohttp.ClientOSError(*exc.args) from exc
             raise
 
     async def _send_streamed(
@@ -268,13 +265,10 @@ class UpstreamClient:
                 raise
             # From the end of this response on, any byte is one nobody asked for.
             resp.content.on_eof(protocol.went_idle)
-        except OSError as exc:
-            conn.close()
-            if isinstance(exc, aiohttp.ClientError | TimeoutError):
-                raise
-            raise aiohttp.ClientOSError(*exc.args) from exc
-        except BaseException:
-            conn.close()
+        except BaseException as exc:
+            _abandon(conn, protocol)
+            if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise aiohttp.ClientOSError(*exc.args) from exc
             raise
         return resp
 
@@ -331,6 +325,21 @@ class UpstreamClient:
             return await self.connector.connect(req, traces=[], timeout=timeout)
         except TimeoutError as exc:  # what ClientSession turns into this
             raise aiohttp.ConnectionTimeoutError(f"connect timeout to {req.url.host}") from exc
+
+
+def _abandon(conn: Connection, protocol: RelayResponseHandler) -> None:
+    """Close the connection of an exchange that failed.
+
+    A response that did not parse leaves its error on the connection's
+    protocol, and the traceback it got when it was raised holds the frames
+    that read it, which hold the protocol: a cycle, which only a full
+    collection would free (docs/architecture.md, "Garbage collection"). Those
+    tracebacks go; the error being raised keeps its own.
+    """
+    error, depth = protocol.exception(), 0
+    while error is not None and depth < 4:  # the error and what it was made from
+        error.__traceback__, error, depth = None, error.__cause__, depth + 1
+    conn.close()
 
 
 @functools.lru_cache(maxsize=64)

@@ -99,6 +99,15 @@ CASES: dict[str, tuple[bytes, bytes | None, bytes]] = {
     "refused credential": (post("/openai/v1/models", key="nope"), None, b"HTTP/1.1 401"),
     "no route": (post("/nowhere"), None, b"HTTP/1.1 404"),
     "upstream reset": (post("/openai/reset"), None, b"HTTP/1.1 502"),
+    "upstream answers garbage": (post("/openai/garbage"), None, b"HTTP/1.1 502"),
+    "upstream answers 101": (post("/openai/switching-protocols"), None, b"HTTP/1.1 502"),
+    "streamed request body": (
+        post("/openai/v1/chat/completions")
+        .replace(b"Content-Length: 2\r\n", b"Transfer-Encoding: chunked\r\n")
+        .replace(b"\r\n\r\n{}", b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"),
+        None,
+        b"HTTP/1.1 200",
+    ),
     "upstream timeout": (post("/openai/stall"), None, b"HTTP/1.1 504"),
     "upstream cuts its body": (post("/openai/close-early"), None, b"HTTP/1.1 200"),
     "upstream hangs up a pooled connection": (
