@@ -3,9 +3,9 @@
 uvicorn's `send` takes an ASGI message per call: a head (`http.response.start`)
 checked header by header against two regular expressions, then a coroutine,
 a message and a flow check for every body chunk. For a relayed response
-(fluxgate.forward, fluxgate.relay) that is most of the CPU a request or a
-stream event costs beyond the system calls, for headers that aiohttp's
-parser has already checked. `send_head` and `ClientBody` write the same
+(fluxgate.forward, fluxgate.relay), whose headers aiohttp's parser has
+already checked, that machinery was a large share of the Python a request
+or a stream event costs (bench/design.md). `send_head` and `ClientBody` write the same
 bytes straight to the connection's transport and keep uvicorn's cycle state
 as `send` would, and `end_response` ends the response as `send` does (the
 cycle complete, the connection kept or closed as uvicorn decided, uvicorn's
