@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import hdrs
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.payload import AsyncIterablePayload
@@ -74,13 +73,13 @@ _MAX_HEADERS: Final = 128
 
 
 class VerbatimRequest(aiohttp.ClientRequest):
-    """A request that sends exactly the headers it is given, in their order.
+    """A request whose body streams up, sent with exactly the headers it is
+    given, in their order (a request that arrived whole is written by
+    fluxgate.upstream_wire instead).
 
     The caller passes the complete header list, `Host` first, so aiohttp's
     merging and defaulting is skipped: no User-Agent/Accept/Accept-Encoding,
-    no `Content-Type` from the body payload, and no `Content-Length: 0` on a
-    body-less POST the client sent without one (a request with neither
-    length nor chunking already has an empty body, RFC 9112 §6.3).
+    and no `Content-Type` from the body payload.
 
     The response keeps none of those headers (`request_info`): they carry the
     provider's key.
@@ -99,12 +98,6 @@ class VerbatimRequest(aiohttp.ClientRequest):
 
     def update_auto_headers(self, skip_auto_headers: Any) -> None:
         self._skip_auto_headers = _SKIP_AUTO_HEADERS
-
-    def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
-        had_length = hdrs.CONTENT_LENGTH in self.headers
-        super().update_body_from_data(body, _stacklevel + 1)
-        if body is None and not had_length:
-            self.headers.pop(hdrs.CONTENT_LENGTH, None)
 
 
 class _ConnectRequest(aiohttp.ClientRequest):
