@@ -5,12 +5,12 @@ checked header by header against two regular expressions, then a coroutine,
 a message and a flow check for every body chunk. For a relayed response
 (fluxgate.forward, fluxgate.relay), whose headers aiohttp's parser has
 already checked, that machinery was a large share of the Python a request
-or a stream event costs (bench/design.md). `send_head` and `ClientBody` write the same
-bytes straight to the connection's transport and keep uvicorn's cycle state
-as `send` would, and `end_response` ends the response as `send` does (the
-cycle complete, the connection kept or closed as uvicorn decided, uvicorn's
-own completion hook called). Anything unusual (the client gone or its
-buffer full, another server's `send`) goes through `send`.
+or a stream event costs (bench/design.md). `send_head` writes the head and
+returns the response's `ClientBody`, which writes the body chunks and ends
+the response (`end`) as `send` would: the same bytes, the same cycle state,
+the connection kept or closed as uvicorn decided, uvicorn's own completion
+hook called. Anything unusual (the client gone or its buffer full, another
+server's `send`) goes through `send`.
 
 A request body that arrived whole is taken from the cycle the same way
 (`take_body`).
@@ -69,44 +69,13 @@ def take_body(receive: Any) -> bytes | None:
     return body
 
 
-def end_response(send: Any) -> bool:
-    """End the started response as `send` does for its last, empty
-    `http.response.body`, if it can: the last chunk of a chunked body, the
-    cycle complete, the connection closed unless kept alive. False, having
-    changed nothing, where `send` must do it: another server's `send`, a
-    response not started or already complete, a client gone or whose buffer
-    is full, a body short of its Content-Length (`send` raises)."""
-    cycle = _cycle_of(send)
-    if (
-        cycle is None
-        or not cycle.response_started
-        or cycle.response_complete
-        or cycle.disconnected
-        or cycle.flow.write_paused
-    ):
-        return False
-    if cycle.scope["method"] == "HEAD":
-        cycle.expected_content_length = 0
-    elif cycle.chunked_encoding:
-        cycle.transport.write(_LAST_CHUNK)
-    elif cycle.expected_content_length:
-        return False
-    else:
-        cycle.transport.write(b"")  # as `send`: a head still held goes out now
-    cycle.response_complete = True
-    cycle.message_event.set()
-    if not cycle.keep_alive:
-        cycle.transport.close()
-    cycle.on_response()
-    return True
-
-
-def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    """Write the response head as `send` writes `http.response.start`, if it can.
+def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> ClientBody | None:
+    """Write the response head as `send` writes `http.response.start`, if it can,
+    and return the `ClientBody` that writes the rest.
 
     `headers`: fluxgate.headers `client_headers` (lower-case names, no
     hop-by-hop header, so neither Transfer-Encoding nor Connection). Returns
-    False, having changed nothing, where `send` must do it: another server's
+    None, having changed nothing, where `send` must do it: another server's
     `send`, a response already started, a client gone or whose buffer is full
     (`send` waits for it), headers the server adds, logging, an unknown
     status, a malformed Content-Length or a byte `send` refuses (it raises).
@@ -120,15 +89,15 @@ def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> boo
         or cycle.default_headers
         or cycle.access_log
     ):
-        return False
+        return None
     line = STATUS_LINE.get(status)
     if line is None:
-        return False
+        return None
     parts = [line]
     length: bytes | None = None
     for name, value in headers:
         if len(name.translate(None, _NOT_IN_NAMES)) != len(name) or name in _SEND_DECIDES:
-            return False
+            return None
         if name == b"content-length" and length is None:
             length = value
         parts += (name, b": ", value, b"\r\n")
@@ -150,11 +119,11 @@ def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> boo
         or head.count(b"\r") != lines
         or len(head.translate(None, _NOT_IN_VALUES)) != len(head)
     ):
-        return False
+        return None
     try:
         expected = None if length is None else int(length.decode())
     except ValueError:
-        return False
+        return None
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     cycle.keep_alive = keep_alive
@@ -164,7 +133,7 @@ def send_head(send: Any, status: int, headers: list[tuple[bytes, bytes]]) -> boo
     elif chunked:
         cycle.chunked_encoding = True
     cycle.transport.write(head)
-    return True
+    return ClientBody(cycle)
 
 
 class ResponseWriter:
@@ -218,9 +187,9 @@ class ClientBody:
     uvicorn's `send` frames an `http.response.body` message (a chunk of its
     own under chunked encoding, counted against Content-Length otherwise,
     nothing for HEAD or once the client is gone), without the message, the
-    coroutine and the flow check `send` costs per chunk. The head and the
-    end are `send_head`'s and `end_response`'s (or `send`'s). Made by
-    `client_body`.
+    coroutine and the flow check `send` costs per chunk; and ends the
+    response (`end`). Made by `send_head`, or by `client_body` once `send`
+    has sent the head.
     """
 
     __slots__ = ("_chunked", "_cycle", "_discard", "_out", "_transport")
@@ -254,6 +223,31 @@ class ClientBody:
         if not self._transport.is_closing():
             self._out.write(data)
             self._out = self._transport
+
+    def end(self) -> bool:
+        """End the response as `send` does for its last, empty `http.response.body`,
+        if it can: the last chunk of a chunked body, the cycle complete, the
+        connection closed unless kept alive, uvicorn's completion hook called.
+        False, having changed nothing, where `send` must do it: a response
+        already complete, a client gone or whose buffer is full, a body short
+        of its Content-Length (`send` raises)."""
+        cycle = self._cycle
+        if cycle.response_complete or cycle.disconnected or cycle.flow.write_paused:
+            return False
+        if self._discard:
+            cycle.expected_content_length = 0
+        elif self._chunked:
+            cycle.transport.write(_LAST_CHUNK)
+        elif cycle.expected_content_length:
+            return False
+        else:
+            cycle.transport.write(b"")  # as `send`: a head still held goes out now
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+        return True
 
 
 def client_body(send: Any) -> ClientBody | None:

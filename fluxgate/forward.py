@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from .client_response import end_response, send_head, take_body
+from .client_response import ClientBody, client_body, send_head, take_body
 from .config import ProviderKey, Timeouts, Upstream
 from .deadlines import Deadlines
 from .errors import (
@@ -252,7 +252,7 @@ class Forwarder:
         self.metrics.open_stream(upstream.name)
         try:
             response = await self.open(upstream, scope, receive, ex, guard)
-            body = await start_relay(upstream, response, send, ex, guard)
+            client, body = await start_relay(upstream, response, send, ex, guard)
             try:
                 await body
             except (aiohttp.ClientError, OSError) as exc:
@@ -261,7 +261,7 @@ class Forwarder:
                 exc.__traceback__ = None
                 ex.outcome = "upstream_body_error"
                 raise StreamAborted from None
-            if not end_response(send):
+            if client is None or not client.end():
                 await send(_END)
             complete = True
         except asyncio.CancelledError:
@@ -373,13 +373,17 @@ def _may_retry(
 
 async def start_relay(
     upstream: Upstream, response: UpstreamResponse, send: Any, ex: Exchange, guard: Guard
-) -> Coroutine[Any, Any, None]:
-    """Send the response head; return what relays the body as each chunk arrives
-    (fluxgate.relay), to await in the caller's frame: no frame of this one, nor
-    the head's headers, stays alive for as long as a stream lasts."""
+) -> tuple[ClientBody | None, Coroutine[Any, Any, None]]:
+    """Send the response head; return what writes the rest to the client
+    (fluxgate.client_response; None when `send` must) and what relays the body
+    as each chunk arrives (fluxgate.relay), to await in the caller's frame: no
+    frame of this one, nor the head's headers, stays alive for as long as a
+    stream lasts."""
     status, headers = response.status, client_headers(response.raw_headers)
-    if not send_head(send, status, headers):
+    client = send_head(send, status, headers)
+    if client is None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        client = client_body(send)
     ex.response_started = True
     tap = None
     if upstream.usage is not None:  # read the provider's token usage as it passes
@@ -389,4 +393,4 @@ async def start_relay(
     if upstream.timeouts.idle is not None:
         guard.watch_idle(upstream.timeouts.idle)
         beat = guard.chunk
-    return relay_body(response, send, guard.connection, ex, tap, beat, guard.loop)
+    return client, relay_body(response, client, send, guard.connection, ex, tap, beat, guard.loop)

@@ -20,7 +20,6 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .client_response import client_body
 from .exchange import ClientLink, Exchange
 from .upstream_body import stream_body, streamable, unstream_body
 from .upstream_wire import UpstreamResponse
@@ -114,6 +113,7 @@ class BodyRelay:
 
 def relay_body(
     response: UpstreamResponse,
+    client: ClientBody | None,
     send: Any,
     link: ClientLink,
     ex: Exchange,
@@ -121,10 +121,10 @@ def relay_body(
     beat: Callable[[], None] | None,
     loop: asyncio.AbstractEventLoop,
 ) -> Coroutine[Any, Any, None]:
-    """To await: the body of `response`, whose head `send` has sent, up to its
-    end (not included: the caller sends it). Raises aiohttp's error if the body
-    fails. Not a coroutine itself: no frame of its own held while a stream lasts."""
-    client = client_body(send)
+    """To await: the body of `response`, whose head has been sent, up to its
+    end (not included: the caller ends it), written by `client`, or through
+    `send` when there is none. Raises aiohttp's error if the body fails. Not a
+    coroutine itself: no frame of its own held while a stream lasts."""
     if client is not None and streamable(response):
         return BodyRelay(client, ex, tap, beat, loop).run(response, link)
     return _through_send(response, send, ex, tap, beat)

@@ -193,14 +193,8 @@ class UpstreamClient:
         ssl: ssl.SSLContext | bool,
     ) -> UpstreamResponse:
         """A request whose body is all here, or that has none: head and body
-        written at once, the response read straight from aiohttp's parser.
-
-        For such a request aiohttp's `ClientRequest` would build a URL, a header
-        table, a payload, a stream writer and a task to send the body from,
-        and its `ClientResponse` a request record and a timer: none of which a
-        relay with its head complete needs. The connector still gives the
-        connection, and its protocol's parser still reads the response.
-        """
+        written at once, the response read straight from the connection's
+        parser (fluxgate.upstream_wire says why)."""
         head = request_head(method, target, headers)
         conn, protocol = await self._connection(
             self._connect_request(origin, ssl), method, body is not None, timeout

@@ -26,7 +26,6 @@ import fluxgate.protocol
 from fluxgate.client_response import (
     ClientBody,
     client_body,
-    end_response,
     send_head,
     take_body,
 )
@@ -792,18 +791,18 @@ def head_app(
     status: int, headers: list[tuple[bytes, bytes]], direct: bool, taken: list[bool]
 ) -> Any:
     """Answers with `status`, `headers` and a body: the head by `send_head`, the
-    body by a `ClientBody` and the end by `end_response` when `direct` (what
-    the two returned in `taken`), else all through `send`."""
+    body and the end by the `ClientBody` it returns when `direct` (whether each
+    did it in `taken`), else all through `send`."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = b"" if status in (204, 304) else b"hello"
         if direct:
-            taken.append(send_head(send, status, headers))
-            client = client_body(send)
+            client = send_head(send, status, headers)
+            taken.append(client is not None)
             assert client is not None
             if body:
                 client.write(body)
-            taken.append(end_response(send))
+            taken.append(client.end())
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -880,7 +879,7 @@ def test_a_head_send_would_refuse_or_decide_on_is_left_to_send(
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         cycle = send.__self__
         before = (cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length)
-        declined = not send_head(send, status, headers)
+        declined = send_head(send, status, headers) is None
         after = (cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length)
         untouched.append(declined and not cycle.response_started and before == after)
         await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -903,28 +902,30 @@ def test_a_response_ended_without_send_leaves_the_connection_to_the_next_request
     assert not conn.transport.is_closing()
 
 
-@pytest.mark.parametrize(
-    ("headers", "written"),
-    [([], None), ([(b"content-length", b"5")], b"hel")],
-    ids=["not started", "short of its length"],
-)
+@pytest.mark.parametrize("ended", [False, True], ids=["short of its length", "already complete"])
 def test_an_end_send_would_refuse_is_left_to_send(
-    loop: asyncio.AbstractEventLoop, headers: list[tuple[bytes, bytes]], written: bytes | None
+    loop: asyncio.AbstractEventLoop, ended: bool
 ) -> None:
-    untouched: list[bool] = []
+    ends: list[bool] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        cycle = send.__self__
-        if written is not None:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": written, "more_body": True})
-        untouched.append(not end_response(send) and not cycle.response_complete)
-        if written is None:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.start", "status": 200, "headers": [LENGTH_5]})
+        client = client_body(send)
+        assert client is not None
+        client.write(b"hel")
+        if ended:
+            client.write(b"lo")
             await send({"type": "http.response.body", "body": b""})
+        ends.append(client.end())  # refused: nothing changes
+        if not ended:
+            client.write(b"lo")
+            ends.append(client.end())
 
-    Connection(loop, gate=None, app=app).feed(GET)
-    assert untouched == [True]
+    conn = Connection(loop, gate=None, app=app).feed(GET)
+    assert ends == ([False] if ended else [False, True])
+    assert conn.transport.buffer.endswith(b"\r\n\r\nhello")
+    assert conn.transport.buffer.count(b"HTTP/1.1 200 ") == 1
+    assert not conn.transport.is_closing()
 
 
 def test_a_relayed_body_writes_nothing_once_the_client_is_gone(
