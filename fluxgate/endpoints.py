@@ -10,14 +10,18 @@ unless they are off or served by the master on their own address.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Final
 
 from .config import Config
-from .errors import NO_ENDPOINT, OWN_METHOD, ProxyError, error_headers
+from .errors import METRICS_UNREADABLE, NO_ENDPOINT, OWN_METHOD, ProxyError, error_headers
 from .exchange import Exchange
+from .logs import log_fields
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import WorkerMetrics
+from .metrics import MetricsUnreadable, WorkerMetrics
+
+log = logging.getLogger("fluxgate.metrics")
 
 # Fluxgate's own endpoints live under this prefix, which is never proxied.
 RESERVED_PREFIX: Final = b"/_fluxgate"
@@ -47,7 +51,7 @@ class OwnEndpoints:
         if ex.method not in ("GET", "HEAD"):
             raise ProxyError(OWN_METHOD)
         if ex.outcome == "metrics":
-            status, body = 200, await self.metrics.render()
+            status, body = 200, await self._render()
             headers = [(b"content-type", _METRICS_CONTENT_TYPE),
                        (b"content-length", b"%d" % len(body))]  # fmt: skip
         else:
@@ -57,6 +61,13 @@ class OwnEndpoints:
         ex.response_bytes = ex.response_length = len(body)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _render(self) -> bytes:
+        try:
+            return await self.metrics.render()
+        except MetricsUnreadable as exc:
+            log_fields(log, logging.WARNING, "metrics unreadable", error=str(exc))
+            raise ProxyError(METRICS_UNREADABLE) from None
 
     def _health(self, config: Config) -> tuple[int, bytes]:
         state: dict[str, object] = {"status": "ok"}

@@ -142,6 +142,10 @@ NO_ENDPOINT: Final = ErrorResponse.make(404, "not_found", "no such Fluxgate endp
 OWN_METHOD: Final = ErrorResponse.make(
     405, "method_not_allowed", "use GET or HEAD", extra_headers=((b"allow", b"GET, HEAD"),)
 )
+# The series files stayed torn through every retry (fluxgate.metrics `render`).
+METRICS_UNREADABLE: Final = ErrorResponse.make(
+    503, "metrics_unavailable", "the metrics could not be read; scrape again", "metrics"
+)
 DOT_SEGMENT: Final = ErrorResponse.make(
     400, "bad_request", "the path has a . or .. segment (raw or percent-encoded)", "bad_path"
 )

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import glob
 import os
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
 
 ENV_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME: Final = "compaction.lock"  # not *.db: the collector only reads *.db
+# A series file starts with the bytes it uses, then padding (prometheus-client's MmapedDict).
+HEADER_SIZE: Final = 8
+# Waits before reading the files again when a read was torn (see `render`).
+RETRY_DELAYS: Final = (0.001, 0.01, 0.05)
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_DELAY: Final = 0.05  # seconds a finished request may wait before it is counted
 SLICE: Final = 32  # requests counted per event-loop turn (~0.2 ms)
@@ -404,16 +410,61 @@ class WorkerMetrics:
         return await asyncio.to_thread(render, self.directory)
 
 
+class MetricsUnreadable(Exception):
+    """The series files could not be read consistently, even after waiting."""
+
+
+# What a read of a file its writer is changing can raise (prometheus-client
+# fails to unpack, or calls the file corrupted).
+_TORN: Final = (OSError, ValueError, RuntimeError, struct.error)
+
+
 class LockedCollector(MultiProcessCollector):
     """The library's collector, reading under a shared lock so that the master
-    folding a dead worker's files into the archive is never seen half done."""
+    folding a dead worker's files into the archive is never seen half done,
+    reading only the files that have been written (`written_files`), and
+    reading again when a read was torn.
+
+    A file read while its writer is changing it can be torn; the writer is
+    done a moment later, so the read is tried again after a short wait,
+    longer each time. Raises MetricsUnreadable if the last try fails.
+    """
 
     def __init__(self, path: str) -> None:
         super().__init__(None, path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Any:
+        for delay in RETRY_DELAYS:
+            try:
+                return self._read()
+            except _TORN:
+                time.sleep(delay)
+        try:
+            return self._read()
+        except _TORN as exc:
+            raise MetricsUnreadable(f"{type(exc).__name__}: {exc}") from None
+
+    def _read(self) -> Any:
         with locked(self._path, fcntl.LOCK_SH):
-            return list(super().collect())  # type: ignore[no-untyped-call]
+            files = written_files(self._path)
+            return list(self.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+
+
+def written_files(directory: str) -> list[str]:
+    """The series files in `directory` that hold at least their header.
+
+    A process makes a series file in two steps: it creates it, empty, then
+    sizes it. In between, the file holds no series, and the library's reader
+    fails on it; a writer descheduled there (a loaded machine) kept every
+    scrape failing until it ran again. Files only grow, and are removed only
+    under the exclusive lock, so a file seen with its header stays readable.
+    """
+    files = []
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_size >= HEADER_SIZE:
+                files.append(path)
+    return files
 
 
 @contextlib.contextmanager
@@ -433,13 +484,6 @@ def registry(directory: str) -> CollectorRegistry:
 
 
 def render(directory: str) -> bytes:
-    # A worker's files can vanish between the collector's listing and its read
-    # (the master archives a dead worker's files), or be read while their writer
-    # grows them (prometheus-client then fails to unpack, or calls the file
-    # corrupted); the next read is consistent.
-    for _ in range(3):
-        try:
-            return generate_latest(registry(directory))
-        except (OSError, ValueError, RuntimeError, struct.error):
-            continue
+    """The exposition of every series in `directory` (runs in a thread);
+    raises MetricsUnreadable."""
     return generate_latest(registry(directory))

@@ -25,6 +25,7 @@ import fcntl
 import glob
 import logging
 import os
+import struct
 import threading
 
 from prometheus_client import Counter, Gauge, start_http_server
@@ -33,7 +34,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from fluxgate.config import Config, split_bind_address
 from fluxgate.logs import log_fields
-from fluxgate.metrics import check_multiprocess, locked, registry
+from fluxgate.metrics import HEADER_SIZE, check_multiprocess, locked, registry
 
 log = logging.getLogger("fluxgate.supervisor")
 
@@ -49,18 +50,34 @@ def archive_dead_worker(directory: str, pid: int) -> None:
             path = os.path.join(directory, f"{kind}_{pid}.db")
             if not os.path.exists(path):
                 continue
-            archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
-            try:
-                for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):
-                    if value:
+            values = _dead_values(path, pid)
+            if values:
+                archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+                try:
+                    for key, value in values:
                         total, _ = archive.read_value(key)
                         archive.write_value(key, total + value, 0.0)
-            finally:
-                archive.close()
+                finally:
+                    archive.close()
             os.remove(path)
         # Gauges in the other modes are not used by workers; drop leftovers.
         for path in glob.glob(os.path.join(directory, f"gauge_*_{pid}.db")):
             os.remove(path)
+
+
+def _dead_values(path: str, pid: int) -> list[tuple[str, float]]:
+    """A dead worker's non-zero series. A file it died before sizing holds none;
+    one that cannot be read is dropped with a warning, because left in place
+    it would fail every scrape from then on."""
+    if os.stat(path).st_size < HEADER_SIZE:
+        return []
+    try:
+        values = MmapedDict.read_all_values_from_file(path)
+        return [(key, value) for key, value, _timestamp, _pos in values if value]
+    except (ValueError, RuntimeError, struct.error) as exc:
+        log_fields(log, logging.WARNING, "metrics of a dead worker unreadable, dropped",
+                   pid=pid, file=os.path.basename(path), error=type(exc).__name__)  # fmt: skip
+        return []
 
 
 class MetricsListener:

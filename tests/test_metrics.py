@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from demo.fake_upstream import FakeUpstreamThread
 from fluxgate.config import build_config
+from supervisor.metrics import archive_dead_worker
 from tests import rawhttp
 from tests.conftest import CLIENT_KEY, LIMITED_KEY, proxy_config
 from tests.promtext import fetch, labels_of, parse, scrape, total, value, wait_for
@@ -33,6 +37,8 @@ from tests.test_validation import assert_accepted, assert_rejected, doc_with
 
 CHAT = "/openai/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hello metrics world"}]
+# A series file whose one record claims more than the file holds.
+BROKEN_SERIES_FILE = struct.pack("ii", 48, 0) + struct.pack("i", 1000) + bytes(60)
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
 
 
@@ -210,6 +216,68 @@ def test_counts_outlive_a_crashed_worker_and_the_restart_is_counted(
     samples = wait_for(sup.url, "fluxgate_requests_total", 5, **labels)
     assert value(samples, "fluxgate_requests_total", **labels) == 5
     assert value(samples, "fluxgate_request_duration_seconds_count", upstream="openai") == 5
+
+
+def test_a_series_file_created_but_not_yet_sized_does_not_fail_a_scrape(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    # A process makes its file empty, then sizes it; a scrape in between (a
+    # writer descheduled there on a loaded machine) must still answer.
+    run = tmp_path / "run"
+    run.mkdir()
+    sup = start(make_supervisor, config(upstream), env={"RUNTIME_DIRECTORY": str(run)})
+    conn = http.client.HTTPConnection("127.0.0.1", sup.port, timeout=10)
+    assert chat(conn)[0] == 200
+    labels = {"upstream": "openai", "key_id": "ci", "status_class": "2xx"}
+    wait_for(sup.url, "fluxgate_requests_total", 1, **labels)
+    (metrics_dir,) = run.glob("fluxgate-*/metrics")
+    (metrics_dir / f"histogram_{max(sup.worker_pids()) + 1}.db").touch()
+    assert value(scrape(sup.url), "fluxgate_requests_total", **labels) == 1
+
+
+def test_series_files_that_stay_unreadable_answer_503_with_a_json_body_until_fixed(
+    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    sup = start(make_supervisor, config(upstream), env={"RUNTIME_DIRECTORY": str(run)})
+    (metrics_dir,) = run.glob("fluxgate-*/metrics")
+    broken = metrics_dir / "counter_7.db"
+    broken.write_bytes(BROKEN_SERIES_FILE)
+    mark = sup.mark()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fetch(sup.url + "/_fluxgate/metrics")
+    assert refused.value.code == 503
+    assert json.loads(refused.value.read())["error"]["type"] == "metrics_unavailable"
+    sup.wait_for_log("metrics unreadable", start=mark)
+    broken.unlink()
+    assert "fluxgate_config_reloads_total" in fetch(sup.url + "/_fluxgate/metrics")
+
+
+def _series_file(path: Path, values: dict[str, float]) -> None:
+    series = MmapedDict(str(path))
+    for key, amount in values.items():
+        series.write_value(key, amount, 0.0)
+    series.close()
+
+
+def test_a_dead_worker_file_never_sized_or_unreadable_is_dropped_and_the_rest_archived(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = '["fluxgate_requests", "fluxgate_requests_total", {}, "h"]'
+    _series_file(tmp_path / "counter_archive.db", {key: 2.0})
+    _series_file(tmp_path / "counter_41.db", {key: 3.0})
+    (tmp_path / "histogram_41.db").touch()  # died between creating and sizing it
+    (tmp_path / "counter_42.db").write_bytes(BROKEN_SERIES_FILE)
+    with caplog.at_level(logging.WARNING, logger="fluxgate.supervisor"):
+        archive_dead_worker(str(tmp_path), 41)
+        archive_dead_worker(str(tmp_path), 42)
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_archive.db"]
+    archived = MmapedDict.read_all_values_from_file(str(tmp_path / "counter_archive.db"))
+    assert [(k, v) for k, v, _ts, _pos in archived] == [(key, 5.0)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "metrics of a dead worker unreadable, dropped"
+    ]
 
 
 def test_reloads_applied_and_rejected_and_the_generation(
