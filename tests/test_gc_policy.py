@@ -110,6 +110,8 @@ CASES: dict[str, tuple[bytes, bytes | None, bytes]] = {
     ),
     "upstream timeout": (post("/openai/stall"), None, b"HTTP/1.1 504"),
     "upstream cuts its body": (post("/openai/close-early"), None, b"HTTP/1.1 200"),
+    "upstream body does not parse": (post("/openai/bad-chunk-mid-body"), None, b"HTTP/1.1 200"),
+    "upstream resets mid-body": (post("/openai/reset-mid-body"), None, b"HTTP/1.1 200"),
     "upstream hangs up a pooled connection": (
         post("/openai/hang-up-next", close=False) + post("/openai/v1/models"),
         None,
