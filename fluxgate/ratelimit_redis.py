@@ -21,10 +21,12 @@ from `limits.redis_url` (`redis://[[user]:password@]host:port/db` or
   flight. A lone request still makes one round trip to be admitted and one
   when it ends; `finish_soon` (what the proxy uses) sends the second with
   the next batch and counts its tokens then, without making the request
-  wait. There is one batch out at a time (a busy worker, whose last batch
-  had `BUSY` calls or more, waits `HOLD`, a millisecond, before the next,
-  to gather more); a second goes beside it (on another connection of the
-  pool) only when a whole batch waits.
+  wait. There is one batch out at a time; a second goes beside it (on
+  another connection of the pool) only when a whole batch waits. A busy
+  worker, whose last batch had `BUSY` calls or more, lets its event loop run
+  `HOLD_TURNS` turns (within `HOLD`, a millisecond) before the next, so
+  that more calls join it; a loop with nothing else to do runs them at once,
+  so the worker never sits idle while its requests wait to be admitted.
 - After a Redis restart has emptied the script cache, the NOSCRIPT reply
   (nothing ran) makes the batch go again behind a `SCRIPT LOAD`, in one
   round trip.
@@ -75,6 +77,7 @@ import collections
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -107,9 +110,11 @@ DEFAULT_MAX_CONNECTIONS: Final = 16
 DEFAULT_SOCKET_TIMEOUT: Final = 0.5  # seconds: a connect; a batch's send and reply
 # Calls in one script run: Redis serves nothing else while a script runs.
 MAX_BATCH: Final = 128
-# A busy worker (its last batch had BUSY calls or more) waits HOLD seconds before
-# its next batch: fewer, larger batches, for a millisecond more per call.
+# A busy worker's wait before its next batch (the module's docstring, `_hold`):
+# its last batch had BUSY calls or more; HOLD_TURNS turns of its event loop,
+# within HOLD seconds.
 BUSY: Final = 4
+HOLD_TURNS: Final = 16
 HOLD: Final = 0.001
 
 _LIMITS: Final = {b"1": CONCURRENT, b"2": REQUESTS, b"3": TOKENS, b"4": BUDGET}
@@ -316,9 +321,7 @@ class RedisLimiter(Limiter):
                     room = MAX_BATCH - len(finishes)
                     self._admissions, admissions = admissions[room:], admissions[:room]
                 await self._send(connection, admissions, finishes)
-                # A turn of the loop at least: the callers just answered, and the
-                # requests that come meanwhile, add their calls to the next batch.
-                await asyncio.sleep(HOLD if len(admissions) + len(finishes) >= BUSY else 0)
+                await _hold(len(admissions) + len(finishes) >= BUSY)
         finally:
             self._idle.append(connection)
             # At once, not in a done callback: a call made before that runs would
@@ -414,6 +417,19 @@ class RedisLimiter(Limiter):
             await connection.disconnect()
         self._idle.clear()
         await self._pool.aclose()
+
+
+async def _hold(busy: bool) -> None:
+    """Between two batches: a turn of the loop at least, so that the callers just
+    answered, and the requests that come meanwhile, add their calls to the next;
+    a busy worker's HOLD_TURNS turns, or as many as come within HOLD."""
+    await asyncio.sleep(0)
+    if busy:
+        until = time.monotonic() + HOLD
+        for _ in range(HOLD_TURNS - 1):
+            if time.monotonic() >= until:
+                break
+            await asyncio.sleep(0)
 
 
 def _ignore(error: LimitBackendError) -> None:
