@@ -56,6 +56,17 @@ def start(make_supervisor: Callable[..., Supervisor], doc: dict[str, Any], **kw:
     return sup
 
 
+def start_in(
+    tmp_path: Path, make_supervisor: Callable[..., Supervisor], doc: dict[str, Any]
+) -> tuple[Supervisor, Path]:
+    """A supervisor whose runtime directory is under `tmp_path`, and its metrics directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    sup = start(make_supervisor, doc, env={"RUNTIME_DIRECTORY": str(run)})
+    (metrics_dir,) = run.glob("fluxgate-*/metrics")
+    return sup, metrics_dir
+
+
 def call(
     conn: http.client.HTTPConnection,
     method: str,
@@ -191,9 +202,7 @@ def test_a_scrape_through_either_worker_reports_the_exact_sum_of_both(
 def test_counts_outlive_a_crashed_worker_and_the_restart_is_counted(
     upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    sup = start(make_supervisor, config(upstream), env={"RUNTIME_DIRECTORY": str(run)})
+    sup, metrics_dir = start_in(tmp_path, make_supervisor, config(upstream))
     conns = worker_connections(sup)
     for conn in conns.values():
         for _ in range(2):
@@ -207,7 +216,6 @@ def test_counts_outlive_a_crashed_worker_and_the_restart_is_counted(
     samples = wait_for(sup.url, "fluxgate_worker_restarts_total", 1)
     assert value(samples, "fluxgate_worker_restarts_total") == 1
     assert value(samples, "fluxgate_requests_total", **labels) == 4  # nothing lost
-    (metrics_dir,) = run.glob("fluxgate-*/metrics")
     files = sorted(p.name for p in metrics_dir.glob("*.db"))
     assert not [f for f in files if f.endswith(f"_{dead}.db")], files
     assert "counter_archive.db" in files and "histogram_archive.db" in files
@@ -223,14 +231,11 @@ def test_a_series_file_created_but_not_yet_sized_does_not_fail_a_scrape(
 ) -> None:
     # A process makes its file empty, then sizes it; a scrape in between (a
     # writer descheduled there on a loaded machine) must still answer.
-    run = tmp_path / "run"
-    run.mkdir()
-    sup = start(make_supervisor, config(upstream), env={"RUNTIME_DIRECTORY": str(run)})
+    sup, metrics_dir = start_in(tmp_path, make_supervisor, config(upstream))
     conn = http.client.HTTPConnection("127.0.0.1", sup.port, timeout=10)
     assert chat(conn)[0] == 200
     labels = {"upstream": "openai", "key_id": "ci", "status_class": "2xx"}
     wait_for(sup.url, "fluxgate_requests_total", 1, **labels)
-    (metrics_dir,) = run.glob("fluxgate-*/metrics")
     (metrics_dir / f"histogram_{max(sup.worker_pids()) + 1}.db").touch()
     assert value(scrape(sup.url), "fluxgate_requests_total", **labels) == 1
 
@@ -238,10 +243,7 @@ def test_a_series_file_created_but_not_yet_sized_does_not_fail_a_scrape(
 def test_series_files_that_stay_unreadable_answer_503_with_a_json_body_until_fixed(
     upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    sup = start(make_supervisor, config(upstream), env={"RUNTIME_DIRECTORY": str(run)})
-    (metrics_dir,) = run.glob("fluxgate-*/metrics")
+    sup, metrics_dir = start_in(tmp_path, make_supervisor, config(upstream))
     broken = metrics_dir / "counter_7.db"
     broken.write_bytes(BROKEN_SERIES_FILE)
     mark = sup.mark()
