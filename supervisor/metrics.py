@@ -27,14 +27,22 @@ import logging
 import os
 import struct
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import mark_process_dead
 
 from fluxgate.config import Config, split_bind_address
+from fluxgate.errors import METRICS_UNREADABLE
 from fluxgate.logs import log_fields
-from fluxgate.metrics import HEADER_SIZE, check_multiprocess, locked, registry
+from fluxgate.metrics import (
+    HEADER_SIZE,
+    MetricsUnreadable,
+    check_multiprocess,
+    locked,
+    registry,
+)
 
 log = logging.getLogger("fluxgate.supervisor")
 
@@ -87,6 +95,7 @@ class MetricsListener:
         host, port = split_bind_address(address)
         self.address = address
         self.server, self.thread = start_http_server(port, host, registry(directory))
+        self.server.set_app(_answering_unreadable(self.server.get_app()))
 
     def close_inherited(self) -> None:
         """In a forked worker: drop its copy of the socket (no thread came along)."""
@@ -100,6 +109,24 @@ class MetricsListener:
     def stop_now(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _answering_unreadable(app: Any) -> Any:
+    """The library's WSGI app, answering files it cannot read as the workers'
+    endpoint does (fluxgate.endpoints): 503 with a JSON body and one WARNING,
+    where the WSGI server would print a traceback and a bare 500."""
+    status = f"{METRICS_UNREADABLE.status} Service Unavailable"
+    headers = [(name.decode(), value.decode()) for name, value in METRICS_UNREADABLE.headers]
+
+    def metrics_app(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            return app(environ, start_response)
+        except MetricsUnreadable as exc:
+            log_fields(log, logging.WARNING, "metrics unreadable", error=str(exc))
+            start_response(status, headers)
+            return [METRICS_UNREADABLE.body]
+
+    return metrics_app
 
 
 class MasterMetrics:

@@ -240,20 +240,28 @@ def test_a_series_file_created_but_not_yet_sized_does_not_fail_a_scrape(
     assert value(scrape(sup.url), "fluxgate_requests_total", **labels) == 1
 
 
+@pytest.mark.parametrize("listener", ["main", "metrics_address"])
 def test_series_files_that_stay_unreadable_answer_503_with_a_json_body_until_fixed(
-    upstream: FakeUpstreamThread, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+    upstream: FakeUpstreamThread,
+    make_supervisor: Callable[..., Supervisor],
+    tmp_path: Path,
+    listener: str,
 ) -> None:
-    sup, metrics_dir = start_in(tmp_path, make_supervisor, config(upstream))
+    port = free_port()  # the master's own listener, when asked for
+    own = {"metrics_address": f"127.0.0.1:{port}"} if listener == "metrics_address" else {}
+    sup, metrics_dir = start_in(tmp_path, make_supervisor, config(upstream, **own))
+    url = sup.url + "/_fluxgate/metrics" if not own else f"http://127.0.0.1:{port}/metrics"
     broken = metrics_dir / "counter_7.db"
     broken.write_bytes(BROKEN_SERIES_FILE)
     mark = sup.mark()
     with pytest.raises(urllib.error.HTTPError) as refused:
-        fetch(sup.url + "/_fluxgate/metrics")
+        fetch(url)
     assert refused.value.code == 503
     assert json.loads(refused.value.read())["error"]["type"] == "metrics_unavailable"
     sup.wait_for_log("metrics unreadable", start=mark)
+    assert not [line for line in sup.lines[mark:] if "Traceback" in line]
     broken.unlink()
-    assert "fluxgate_config_reloads_total" in fetch(sup.url + "/_fluxgate/metrics")
+    assert "fluxgate_config_reloads_total" in fetch(url)
 
 
 def _series_file(path: Path, values: dict[str, float]) -> None:
