@@ -142,7 +142,7 @@ NO_ENDPOINT: Final = ErrorResponse.make(404, "not_found", "no such Fluxgate endp
 OWN_METHOD: Final = ErrorResponse.make(
     405, "method_not_allowed", "use GET or HEAD", extra_headers=((b"allow", b"GET, HEAD"),)
 )
-# The series files stayed torn through every retry (fluxgate.metrics `render`).
+# The series files stayed torn through every retry (fluxgate.metrics `LockedCollector`).
 METRICS_UNREADABLE: Final = ErrorResponse.make(
     503, "metrics_unavailable", "the metrics could not be read; scrape again", "metrics"
 )

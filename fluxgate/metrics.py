@@ -43,7 +43,7 @@ ENV_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME: Final = "compaction.lock"  # not *.db: the collector only reads *.db
 # A series file starts with the bytes it uses, then padding (prometheus-client's MmapedDict).
 HEADER_SIZE: Final = 8
-# Waits before reading the files again when a read was torn (see `render`).
+# Waits before reading the files again when a read was torn (see `LockedCollector`).
 RETRY_DELAYS: Final = (0.001, 0.01, 0.05)
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_DELAY: Final = 0.05  # seconds a finished request may wait before it is counted
