@@ -414,9 +414,9 @@ class MetricsUnreadable(Exception):
     """The series files could not be read consistently, even after waiting."""
 
 
-# What a read of a file its writer is changing can raise (prometheus-client
-# fails to unpack, or calls the file corrupted).
-_TORN: Final = (OSError, ValueError, RuntimeError, struct.error)
+# What reading a series file can raise: torn by its writer, or damaged
+# (prometheus-client fails to unpack it, or calls it corrupted), or gone.
+READ_ERRORS: Final = (OSError, ValueError, RuntimeError, struct.error)
 
 
 class LockedCollector(MultiProcessCollector):
@@ -437,11 +437,11 @@ class LockedCollector(MultiProcessCollector):
         for delay in RETRY_DELAYS:
             try:
                 return self._read()
-            except _TORN:
+            except READ_ERRORS:
                 time.sleep(delay)
         try:
             return self._read()
-        except _TORN as exc:
+        except READ_ERRORS as exc:
             raise MetricsUnreadable(f"{type(exc).__name__}: {exc}") from None
 
     def _read(self) -> Any:

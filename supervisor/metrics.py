@@ -25,7 +25,6 @@ import fcntl
 import glob
 import logging
 import os
-import struct
 import threading
 from typing import Any
 
@@ -38,6 +37,7 @@ from fluxgate.errors import METRICS_UNREADABLE
 from fluxgate.logs import log_fields
 from fluxgate.metrics import (
     HEADER_SIZE,
+    READ_ERRORS,
     MetricsUnreadable,
     check_multiprocess,
     locked,
@@ -82,7 +82,7 @@ def _dead_values(path: str, pid: int) -> list[tuple[str, float]]:
     try:
         values = MmapedDict.read_all_values_from_file(path)
         return [(key, value) for key, value, _timestamp, _pos in values if value]
-    except (ValueError, RuntimeError, struct.error) as exc:
+    except READ_ERRORS as exc:
         log_fields(log, logging.WARNING, "metrics of a dead worker unreadable, dropped",
                    pid=pid, file=os.path.basename(path), error=type(exc).__name__)  # fmt: skip
         return []
