@@ -209,6 +209,12 @@ class ClientBody:
         """The client's socket buffer is over its high-water mark."""
         return self._cycle.flow.write_paused
 
+    @property
+    def chunked(self) -> bool:
+        """The body goes out in chunks, each framed by `write` (`write_framed` takes
+        one framed already)."""
+        return self._chunked and not self._discard
+
     def write(self, chunk: bytes) -> None:
         if self._discard:
             return
@@ -220,6 +226,12 @@ class ClientBody:
             # would meanwhile find the body short of its Content-Length.
             self._cycle.expected_content_length -= len(chunk)
             data = chunk
+        if not self._transport.is_closing():
+            self._out.write(data)
+            self._out = self._transport
+
+    def write_framed(self, data: bytes) -> None:
+        """A chunk framed as `write` frames one (only when `chunked`)."""
         if not self._transport.is_closing():
             self._out.write(data)
             self._out = self._transport

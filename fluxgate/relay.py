@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .exchange import ClientLink, Exchange
-from .upstream_body import stream_body, streamable, unstream_body
+from .upstream_body import chunk_size, stream_body, streamable, unstream_body
 from .upstream_wire import UpstreamResponse
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ class BodyRelay:
     and the client's transport (a `Flow`, fluxgate.exchange)."""
 
     __slots__ = (
-        "_beat", "_client", "_done", "_ex", "_loop", "_paused", "_pending", "_tap", "_upstream",
-        "error",
+        "_beat", "_client", "_done", "_ex", "_framed", "_loop", "_paused", "_pending", "_tap",
+        "_upstream", "error",
     )  # fmt: skip
 
     def __init__(
@@ -50,6 +50,7 @@ class BodyRelay:
     ) -> None:
         self._client, self._ex, self._tap, self._beat = client, ex, tap, beat
         self._loop = loop
+        self._framed = client.chunked  # the client's body is chunked too: a chunk goes as it is
         self._done: asyncio.Future[None] | None = None  # made only for a body still to come
         self._upstream: ResponseHandler | None = None
         self._paused = False
@@ -65,6 +66,19 @@ class BodyRelay:
             self._tap.feed(data)
         if self._beat is not None:
             self._beat()
+
+    def whole_chunk(self, data: bytes) -> bool:
+        # The same bytes `chunk` and `flush` would write for it, in one step.
+        size = chunk_size(data) if self._framed else 0
+        if not size:
+            return False
+        self._ex.response_bytes += size
+        if self._tap is not None:
+            self._tap.feed(data[-size - 2 : -2])
+        if self._beat is not None:
+            self._beat()
+        self._client.write_framed(data)
+        return True
 
     def flush(self) -> None:
         pending = self._pending

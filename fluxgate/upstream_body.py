@@ -6,6 +6,13 @@ body that does not parse. A response body can be taken from it chunk by
 chunk, in the callback that parses it (`stream_body`): the relay
 (fluxgate.relay) writes each chunk to the client there, with no task woken
 per chunk.
+
+A chunked body's read that is exactly one whole chunk, arriving while the
+parser stands between two chunks, goes to the sink as it arrived
+(`BodySink.whole_chunk`) instead of through the parser: such reads are most
+of a token stream, one event each, and the parser's callbacks were the
+larger part of their cost (bench/design.md). The parser stays where it was,
+before a chunk-size line, which is where that read leaves the body too.
 """
 
 from __future__ import annotations
@@ -15,10 +22,20 @@ import collections
 from typing import Any, Final, Protocol, cast
 
 import aiohttp
+from aiohttp import http_parser
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
 
 from .upstream_wire import NO_HEADERS, PlainResponse, UpstreamResponse
+
+# Whether aiohttp parses with llhttp (its C parser), which ends a chunk only
+# after the line break that closes its data. That is what makes "no chunk
+# open, and the read ended with a line break" mean "before a chunk-size line"
+# (`RelayResponseHandler.data_received`). aiohttp's Python parser ends a chunk
+# before that line break: with it, every read is parsed.
+_LLHTTP: Final = http_parser.HttpResponseParser is not http_parser.HttpResponseParserPy
+# The longest chunk-size line `chunk_size` takes: 16 hex digits, as llhttp.
+_SIZE_DIGITS: Final = 16
 
 
 class RelayResponseHandler(ResponseHandler):
@@ -40,13 +57,33 @@ class RelayResponseHandler(ResponseHandler):
     # A body handed to a sink (`stream_body`): its reader, the sink, and whether
     # the body is chunked.
     streaming: tuple[StreamReader, BodySink, bool] | None = None
+    # While a chunked body streams: whether its reads may skip the parser (set
+    # by `stream_body`); whether a chunk's size line has been parsed and its end
+    # not yet (from the parser's callbacks); and whether the parser has taken
+    # every byte so far and stands before a chunk-size line.
+    whole_chunks = False
+    chunk_open = False
+    between_chunks = False
 
     def data_received(self, data: bytes) -> None:
-        if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
-            self.force_close()
+        streaming = self.streaming
+        if streaming is None:
+            if self.idle and data:  # aiohttp calls it with b"" itself to resume parsing
+                self.force_close()
+            super().data_received(data)
+            return
+        if self.between_chunks and streaming[1].whole_chunk(data):
+            return  # the parser stays before the next chunk, as the body does
         super().data_received(data)
-        if self.streaming is not None:  # what this read held has been parsed
-            self.streaming[1].flush()
+        if self.streaming is streaming:  # the body goes on after this read
+            if self.whole_chunks:
+                # With no chunk open, a read that ended with a line break left
+                # llhttp before a size line (`_LLHTTP`; a size line ends with
+                # one too, and opens its chunk). aiohttp pauses the parser only
+                # in a chunk's data, so a chunk is open while it holds the rest
+                # of a read.
+                self.between_chunks = not self.chunk_open and data.endswith(b"\n")
+            streaming[1].flush()  # what this read held has been parsed
 
     def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
         super().set_exception(exc, *args, **kwargs)
@@ -66,6 +103,11 @@ class BodySink(Protocol):
     """Where `stream_body` hands a response body: called from aiohttp's parser."""
 
     def chunk(self, data: bytes) -> None: ...
+
+    def whole_chunk(self, data: bytes) -> bool:
+        """Take `data`, a read from the upstream made while the parser stood
+        before a chunk-size line, as it arrived if it is one whole chunk
+        (`chunk_size`); or return False, having done nothing, to have it parsed."""
 
     def flush(self) -> None:
         """The chunks of one read from the upstream have all been handed over.
@@ -100,12 +142,13 @@ class _StreamedReader(StreamReader):
         return False
 
     # A sink keeps no chunk: there are no HTTP chunk boundaries to count (aiohttp
-    # pauses reading after enough of them when they are buffered).
+    # pauses reading after enough of them when they are buffered). Whether one
+    # is open tells the protocol where the parser stands (`data_received`).
     def begin_http_chunk_receiving(self) -> None:
-        pass
+        self._protocol.chunk_open = True  # type: ignore[attr-defined]
 
     def end_http_chunk_receiving(self) -> None:
-        pass
+        self._protocol.chunk_open = False  # type: ignore[attr-defined]
 
     def feed_eof(self) -> None:
         sink = self._unbind()  # aiohttp's class again: no `super()` from here
@@ -128,7 +171,9 @@ class _StreamedReader(StreamReader):
 _NOTHING_BUFFERED: Final[Any] = ()
 
 
-def _swap(content: StreamReader, protocol: RelayResponseHandler, sink: BodySink) -> None:
+def _swap(
+    content: StreamReader, protocol: RelayResponseHandler, sink: BodySink, chunked: bool
+) -> None:
     """Bind `sink` to the body, and let go of the buffers that stay empty meanwhile.
 
     They are the reader's buffer and its queue of chunk boundaries, and the
@@ -136,8 +181,17 @@ def _swap(content: StreamReader, protocol: RelayResponseHandler, sink: BodySink)
     cannot be parsed before this body ends). An empty deque still holds a
     block of 64 slots, and thousands of open streams each held three.
     `_unswap` gives aiohttp fresh ones.
+
+    `chunked`: whether the body is known to be chunked. A chunk already begun
+    says so too; until then, where the parser stands is not known.
     """
-    chunked = content._http_chunk_splits is not None
+    begun = content._http_chunk_splits is not None
+    protocol.whole_chunks = _LLHTTP and chunked
+    # A chunk begun may still be open; none begun: the parser may be inside
+    # the first size line. Either way the next read is parsed, and tells.
+    protocol.chunk_open = begun
+    protocol.between_chunks = False
+    chunked = chunked or begun
     content._buffer = _NOTHING_BUFFERED
     content._http_chunk_splits = None
     if not protocol._buffer:
@@ -150,6 +204,7 @@ def _unswap(protocol: RelayResponseHandler) -> BodySink:
     assert protocol.streaming is not None
     content, sink, chunked = protocol.streaming
     protocol.streaming = None
+    protocol.whole_chunks = protocol.chunk_open = protocol.between_chunks = False
     content.__class__ = StreamReader
     content._buffer = collections.deque()
     content._http_chunk_splits = collections.deque() if chunked else None
@@ -194,9 +249,23 @@ def stream_body(response: UpstreamResponse, sink: BodySink) -> ResponseHandler |
     assert connection is not None
     protocol = connection.protocol
     assert isinstance(protocol, RelayResponseHandler)
+    chunked = isinstance(response, PlainResponse) and response.chunked
     _let_head_go(response)
-    _swap(content, protocol, sink)
+    _swap(content, protocol, sink, chunked)
     return protocol
+
+
+def chunk_size(data: bytes) -> int:
+    """The size of the chunk that `data` is, when it is exactly one whole chunk
+    of a chunked body, framed as the relay frames one (fluxgate.client_response):
+    the size in lowercase hex without leading zeros, no extension, CRLF line
+    ends, more than 0 bytes. Otherwise 0: other framings are valid too, but
+    those reads are parsed (and framed anew for the client)."""
+    line_end = data.find(b"\r\n", 1, _SIZE_DIGITS + 2)
+    size = len(data) - line_end - 4
+    if line_end > 0 and size > 0 and data.endswith(b"\r\n") and data[:line_end] == b"%x" % size:
+        return size
+    return 0
 
 
 def _let_head_go(response: UpstreamResponse) -> None:

@@ -92,12 +92,13 @@ class PlainResponse:
     connection's parser gave it, its body's reader, and the connection until
     the body has ended (then it goes back to the pool by itself)."""
 
-    __slots__ = ("connection", "content", "headers", "raw_headers", "status")
+    __slots__ = ("chunked", "connection", "content", "headers", "raw_headers", "status")
 
     def __init__(self, message: Any, content: StreamReader, connection: Connection) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = message.raw_headers
+        self.chunked: bool = message.chunked  # the body's framing, as the parser reads it
         self.content = content
         self.connection: Connection | None = connection
         # Called at once if the body has already ended (whole in the first read).

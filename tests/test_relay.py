@@ -6,6 +6,11 @@ upstream on a real socket, in one event loop, and record what the sink is
 told: every byte in order (what aiohttp had buffered first), one end, and
 nothing that belongs to another exchange on the same pooled connection; and
 what an open response keeps of its request.
+
+A read that is one whole chunk, while the parser stands between chunks,
+goes to the sink as it arrived: the tests that hand the connection's
+protocol reads of their own check that this changes nothing the sink is
+told, whatever the reads and wherever the parser stands.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-from collections.abc import AsyncIterator, Awaitable
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,22 +29,48 @@ from yarl import URL
 from fluxgate.exchange import ClientLink, Exchange
 from fluxgate.relay import BodyRelay
 from fluxgate.upstream import UpstreamClient
-from fluxgate.upstream_body import stream_body, streamable, unstream_body
+from fluxgate.upstream_body import (
+    RelayResponseHandler,
+    chunk_size,
+    stream_body,
+    streamable,
+    unstream_body,
+)
 from fluxgate.upstream_wire import UpstreamResponse
+from fluxgate.usage import OPENAI, SseTap
 from tests.conftest import OPENAI_KEY
 from tests.scripted_upstream import ScriptedUpstream, Step, run
 
 
 class Sink:
-    def __init__(self) -> None:
+    """Records the body; takes a read as it arrived when offered a whole chunk
+    (`takes_whole`), as the relay does; pauses the connection at the first
+    chunk if told to (`pause_at`), as the relay does when the client's buffer
+    is full."""
+
+    def __init__(self, takes_whole: bool = True) -> None:
         self.chunks: list[bytes] = []
         self.ends: list[BaseException | None] = []
         self.flushes = 0
         self.done = asyncio.Event()
+        self.takes_whole = takes_whole
+        self.whole: list[bytes] = []  # the reads taken as they arrived
+        self.pause_at: RelayResponseHandler | None = None
 
     def chunk(self, data: bytes) -> None:
         assert not self.ends, "a chunk after the end"
         self.chunks.append(data)
+        if self.pause_at is not None:
+            self.pause_at.pause_reading()
+            self.pause_at = None
+
+    def whole_chunk(self, data: bytes) -> bool:
+        size = chunk_size(data)
+        if not self.takes_whole or not size:
+            return False
+        self.whole.append(data)
+        self.chunk(data[-size - 2 : -2])
+        return True
 
     def flush(self) -> None:
         self.flushes += 1
@@ -266,14 +299,22 @@ def test_a_response_keeps_none_of_its_requests_headers(streamed: bool) -> None:
 
 
 class ClientRecorder:
-    """What the relay writes to the client (a `ClientBody`'s interface)."""
+    """What the relay writes to the client (a `ClientBody`'s interface): the
+    bodies' bytes, and when `chunked`, the chunks it was given framed."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunked: bool = False) -> None:
         self.writes: list[bytes] = []
+        self.framed: list[bytes] = []
         self.paused = False
+        self.chunked = chunked
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
+
+    def write_framed(self, data: bytes) -> None:
+        assert self.chunked
+        self.framed.append(data)
+        self.writes.append(data[data.index(b"\r\n") + 2 : -2])
 
 
 def test_a_burst_of_tiny_chunks_goes_to_the_client_in_one_write_per_upstream_read() -> None:
@@ -293,6 +334,208 @@ def test_a_burst_of_tiny_chunks_goes_to_the_client_in_one_write_per_upstream_rea
             await running
             assert b"".join(out.writes) == b"x" * 2000
             assert len(out.writes) <= 3  # one per read of the upstream's socket
+            response.release()
+
+    run(test)
+
+
+# Reads handed to the connection's protocol by the test, one call each: so
+# where each read begins and ends is exact. The head comes from the socket.
+
+Read = bytes | Callable[[RelayResponseHandler], None]  # a read, or something to do between reads
+
+
+def feed(reads: list[Read], sink: Sink, pause_at_first_chunk: bool = False) -> None:
+    """Stream a chunked body to `sink`, its reads after the head being `reads`."""
+
+    async def test(client: UpstreamClient) -> None:
+        hold = asyncio.Event()
+        async with ScriptedUpstream([HEAD_CHUNKED, hold]) as url:
+            response = await get(client, url)
+            protocol = stream_body(response, sink)
+            assert isinstance(protocol, RelayResponseHandler)
+            if pause_at_first_chunk:
+                sink.pause_at = protocol
+            for read in reads:
+                if isinstance(read, bytes):
+                    protocol.data_received(read)
+                else:
+                    read(protocol)
+            response.close()
+            hold.set()
+
+    run(test)
+
+
+def told(reads: list[Read], pause_at_first_chunk: bool = False) -> tuple[Any, Any]:
+    """What a sink that takes whole chunks is told of `reads`, and what one that
+    has every read parsed is: (chunks, ends, reads taken whole) of each."""
+    told = []
+    for takes_whole in (True, False):
+        sink = Sink(takes_whole)
+        feed(reads, sink, pause_at_first_chunk)
+        ends = [end if end is None else (type(end), str(end)) for end in sink.ends]
+        told.append((sink.chunks, ends, sink.whole))
+    return told[0], told[1]
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (b"5\r\nhello\r\n", 5),
+        (b"a\r\n0123456789\r\n", 10),
+        (b"5\r\nhel\r\n\r\n", 5),  # data that holds a line break
+        (b"ffffffff\r\n", 0),  # a size line, no data
+        (b"0\r\n\r\n", 0),  # the last chunk
+        (b"A\r\n0123456789\r\n", 0),  # upper case
+        (b"05\r\nhello\r\n", 0),  # a leading zero
+        (b"+5\r\nhello\r\n", 0),
+        (b"0x5\r\nhello\r\n", 0),
+        (b"5;x=y\r\nhello\r\n", 0),  # an extension
+        (b"5 \r\nhello\r\n", 0),  # a space after the size
+        (b"5\nhello\n", 0),  # bare line feeds
+        (b"5\r\nhello\n\n", 0),
+        (b"5\r\nhell\r\n", 0),  # short
+        (b"5\r\nhello!\r\n", 0),  # long
+        (b"5\r\nhello\r\n1\r\n!\r\n", 0),  # two chunks
+        (b"\r\nhello\r\n", 0),
+        (b"", 0),
+    ],
+)
+def test_chunk_size_takes_only_one_whole_chunk_framed_as_the_relay_frames_one(
+    data: bytes, size: int
+) -> None:
+    assert chunk_size(data) == size
+
+
+def test_a_read_that_is_one_whole_chunk_between_chunks_reaches_the_sink_as_it_arrived() -> None:
+    reads: list[Read] = [b"5\r\nhello\r\n", b"6\r\n world\r\n", b"1\r\n!\r\n", b"0\r\n\r\n"]
+    sink = Sink()
+    feed(reads, sink)
+    # The first read is parsed: where the parser stood after the head is not known.
+    assert sink.whole == [b"6\r\n world\r\n", b"1\r\n!\r\n"]
+    assert (b"".join(sink.chunks), sink.ends) == (b"hello world!", [None])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        [b"1\r\na\r\n1\r\nb\r\n"],
+        [b"A\r\n0123456789\r\n"],
+        [b"05\r\nabcde\r\n"],
+        [b"5;x=y\r\nabcde\r\n"],
+        [b"5 \r\nabcde\r\n"],
+        [b"5\r\nab", b"cde\r\n"],
+        [b"5\r\nabcde", b"\r\n"],
+        [b"5", b"\r\nabcde\r\n"],
+    ],
+    ids=[
+        "two chunks", "upper case", "leading zero", "extension", "space",
+        "split in the data", "split before the line break", "split in the size line",
+    ],
+)  # fmt: skip
+def test_other_reads_are_parsed_and_the_next_whole_chunk_goes_as_it_arrived(
+    other: list[bytes],
+) -> None:
+    reads: list[Read] = [b"5\r\nhello\r\n", *other, b"3\r\nxyz\r\n", b"0\r\n\r\n"]
+    (chunks, ends, whole), parsed = told(reads)
+    assert whole == [b"3\r\nxyz\r\n"]
+    assert (chunks, ends, []) == parsed
+    assert ends == [None]
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        # A hostile upstream: reads that look like a whole chunk where the parser
+        # stands inside one. They are that chunk's bytes, and nothing else.
+        [b"5\r\nhello\r\n", b"a\r\n", b"5\r\nhello\r\n", b"\r\n0\r\n\r\n"],
+        [b"5\r\nhello\r\n", b"a\r\nab", b"3\r\nabc\r\n", b"\r\n0\r\n\r\n"],
+        [b"5\r\nhello\r\n", b"5\r\nabcd\n", b"5\r\nhello\r\n", b"0\r\n\r\n"],
+        [b"5\r\nhello\r\n", b"1", b"5\r\nhello\r\n", b"x" * 14 + b"\r\n0\r\n\r\n"],
+        [b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n"],
+    ],
+    ids=[
+        "after a size line", "inside the data", "before the line break after the data",
+        "inside a size line", "after the last chunk's size line",
+    ],
+)  # fmt: skip
+def test_a_read_that_looks_like_a_whole_chunk_is_parsed_where_the_parser_is_not_between_chunks(
+    reads: list[Read],
+) -> None:
+    (chunks, ends, whole), parsed = told(reads)
+    assert whole == []  # the first read was parsed too
+    assert (chunks, ends, whole) == parsed
+
+
+def test_a_parser_paused_mid_read_keeps_the_order_of_the_chunks() -> None:
+    # Paused by the sink in the first chunk, the parser holds the rest of that
+    # read; a whole chunk arriving then must not overtake it.
+    def resume(protocol: RelayResponseHandler) -> None:
+        protocol.resume_reading()
+
+    reads: list[Read] = [
+        b"5\r\nhello\r\n5\r\nworld\r\n", b"5\r\nagain\r\n", resume, b"1\r\n!\r\n",
+        b"1\r\n?\r\n", b"0\r\n\r\n",
+    ]  # fmt: skip
+    (chunks, ends, whole), parsed = told(reads, pause_at_first_chunk=True)
+    assert (b"".join(chunks), ends) == (b"helloworldagain!?", [None])
+    assert (chunks, ends, []) == parsed
+    assert b"5\r\nagain\r\n" not in whole
+
+
+def random_body(rng: random.Random) -> bytes:
+    """A chunked body in varied framings, some the relay's own."""
+    parts = []
+    for _ in range(rng.randrange(1, 8)):
+        data = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randrange(1, 20)))
+        size = rng.choice([b"%x", b"%X", b"0%x", b"%x;e=1"]) % len(data)
+        parts.append(size + b"\r\n" + data + b"\r\n")
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def test_whatever_the_reads_the_sink_is_told_what_parsing_every_read_tells() -> None:
+    rng = random.Random(1729)
+    for _ in range(150):
+        body = random_body(rng)
+        cuts = sorted(rng.sample(range(1, len(body)), rng.randrange(0, min(6, len(body) - 1))))
+        reads: list[Read] = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        (chunks, ends, _), parsed = told(reads)
+        assert (chunks, ends, []) == parsed, reads
+        assert ends == [None], reads
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked client", "other client"])
+def test_the_relay_writes_a_whole_chunk_as_it_arrived_to_a_chunked_client_only(
+    chunked: bool,
+) -> None:
+    usage = b'data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    events = [b"data: a\n\n", b"data: b\n\n", usage]
+    reads = [b"%x\r\n%b\r\n" % (len(event), event) for event in events]
+
+    async def test(client: UpstreamClient) -> None:
+        hold = asyncio.Event()
+        async with ScriptedUpstream([HEAD_CHUNKED, hold]) as url:
+            response = await get(client, url)
+            assert response.connection is not None
+            protocol = response.connection.protocol
+            assert protocol is not None
+            out, ex, tap, beats = ClientRecorder(chunked), Exchange(), SseTap(OPENAI), []
+            loop = asyncio.get_running_loop()
+            relay = BodyRelay(out, ex, tap, lambda: beats.append(1), loop)  # type: ignore[arg-type]
+            running = asyncio.ensure_future(relay.run(response, ClientLink()))
+            await asyncio.sleep(0)  # bound to the reader now
+            for read in [*reads, b"0\r\n\r\n"]:
+                protocol.data_received(read)
+            await running
+            # The first read is parsed (fluxgate.upstream_body), the rest taken whole.
+            assert out.framed == (reads[1:] if chunked else [])
+            assert out.writes == events
+            assert ex.response_bytes == len(b"".join(events))
+            assert len(beats) == 3
+            result = tap.result()
+            assert result is not None
+            assert (result.input_tokens, result.output_tokens) == (3, 4)
             response.release()
 
     run(test)
