@@ -9,8 +9,9 @@ carries, and that per-chunk machinery was most of its CPU per event
 (bench/design.md).
 
 Flow control runs both ways through the same callbacks: when the client's
-socket buffer fills, the upstream connection stops being read (aiohttp's
-parser pauses mid-buffer) until it drains. The token-usage tap and the idle
+socket buffer fills, the upstream's socket stops being read until it drains
+(the read in hand is relayed whole: fluxgate.upstream_body
+`RelayResponseHandler.pause_reading`). The token-usage tap and the idle
 deadline see every chunk as before.
 """
 

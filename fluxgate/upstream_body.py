@@ -64,6 +64,7 @@ class RelayResponseHandler(ResponseHandler):
     whole_chunks = False
     chunk_open = False
     between_chunks = False
+    socket_paused = False  # by `pause_reading` while a body streams
 
     def data_received(self, data: bytes) -> None:
         streaming = self.streaming
@@ -79,11 +80,31 @@ class RelayResponseHandler(ResponseHandler):
             if self.whole_chunks:
                 # With no chunk open, a read that ended with a line break left
                 # llhttp before a size line (`_LLHTTP`; a size line ends with
-                # one too, and opens its chunk). aiohttp pauses the parser only
-                # in a chunk's data, so a chunk is open while it holds the rest
-                # of a read.
+                # one too, and opens its chunk). The parser took all of it: it
+                # is not paused while a body streams (`pause_reading`), and
+                # when aiohttp pauses it, it stops in a chunk's data.
                 self.between_chunks = not self.chunk_open and data.endswith(b"\n")
             streaming[1].flush()  # what this read held has been parsed
+
+    # The relay pauses the connection while the client's buffer is full. aiohttp's
+    # pause also tells the parser to stop after the next piece of body it
+    # parses, and its resume does not take that back: the first read after
+    # it would be parsed up to its first chunk only, the rest (the body's end,
+    # maybe) held until the upstream sent more. A sink keeps nothing, so
+    # while a body streams only the socket stops being read.
+    def pause_reading(self) -> None:
+        if self.streaming is None:
+            super().pause_reading()
+        elif not self.socket_paused:
+            self.socket_paused = True
+            self._pause_transport_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self.socket_paused:
+            self.socket_paused = False
+            self._resume_transport_reading()
+        else:
+            super().resume_reading(resume_parser)
 
     def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
         super().set_exception(exc, *args, **kwargs)
