@@ -54,6 +54,9 @@ _SKIP_AUTO_HEADERS: Final = CIMultiDict[None]({"Content-Type": None})
 # A keep-alive connection the upstream closed while idle fails the next request
 # on it; aiohttp's session retries those once when a replay is harmless.
 _RETRY_ON_STALE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Idle connections a worker keeps per upstream origin, as nginx's `keepalive`
+# (README "Many long streams").
+MAX_IDLE: Final = 256
 # Methods whose request content has no meaning a server must honour (RFC 9110
 # §9.3): an upstream may answer one without reading its body and then read
 # the body as the next request, whose answer, however late, would go to
@@ -110,6 +113,29 @@ class _ConnectRequest(aiohttp.ClientRequest):
         return super().connection_key
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, keeping at most `max_idle` idle connections per origin.
+
+    aiohttp keeps every connection given back for `keepalive_timeout`, however
+    many: after a burst of thousands of streams a worker held thousands of idle
+    upstream connections (a socket, a parser and, over TLS, its buffers each)
+    for up to twice that, and the provider held them too. A connection given
+    back beyond the bound closes the one idle longest. aiohttp has no setting
+    for it; `_release` is where it files a connection as idle.
+    """
+
+    def __init__(self, max_idle: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_idle = max_idle
+
+    def _release(self, key: ConnectionKey, protocol: Any, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        idle = self._conns.get(key)
+        if idle is not None and len(idle) > self.max_idle:
+            oldest, _ = idle.popleft()
+            oldest.close()
+
+
 class UpstreamClient:
     """The worker's connection pool to the upstreams, and one exchange at a time over it.
 
@@ -125,8 +151,9 @@ class UpstreamClient:
     Must be created with the worker's loop running.
     """
 
-    def __init__(self) -> None:
-        self.connector = aiohttp.TCPConnector(
+    def __init__(self, max_idle: int = MAX_IDLE) -> None:
+        self.connector = _Connector(
+            max_idle,
             limit=0,  # max_connections already bounds concurrency on the client side
             ttl_dns_cache=30,
             keepalive_timeout=30,

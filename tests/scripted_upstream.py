@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from yarl import URL
 
-from fluxgate.upstream import UpstreamClient
+from fluxgate.upstream import MAX_IDLE, UpstreamClient
 
 Step = bytes | asyncio.Event  # write these bytes, or wait for the test to set this
 
@@ -54,11 +54,11 @@ class ScriptedUpstream:
             writer.close()
 
 
-def run(test: Callable[[UpstreamClient], Awaitable[None]]) -> None:
+def run(test: Callable[[UpstreamClient], Awaitable[None]], max_idle: int = MAX_IDLE) -> None:
     """`test` with a worker's upstream client, in a loop of its own, within 10 s."""
 
     async def with_client() -> None:
-        client = UpstreamClient()
+        client = UpstreamClient(max_idle)
         try:
             await test(client)
         finally:

@@ -150,3 +150,45 @@ def test_an_answer_that_came_before_the_whole_body_went_leaves_the_connection_un
             hold.set()
 
     run(test)
+
+
+def test_a_worker_keeps_max_idle_connections_per_origin_and_closes_the_rest() -> None:
+    # After a burst, the connections given back beyond the bound close at once
+    # rather than waiting out the keep-alive timeout; those kept serve the next.
+    burst = 5
+
+    async def test(client: UpstreamClient) -> None:
+        answered, closed = asyncio.Event(), asyncio.Queue[None]()
+        connections: list[asyncio.StreamWriter] = []
+        in_flight = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal in_flight
+            connections.append(writer)
+            try:
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    in_flight += 1
+                    if in_flight == burst:  # all on connections of their own
+                        answered.set()
+                    await answered.wait()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                closed.put_nowait(None)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+        try:
+            answers = await asyncio.gather(*(_get(client, url) for _ in range(burst)))
+            assert answers == [(200, b"ok")] * burst
+            for _ in range(burst - 2):
+                await closed.get()
+            assert [await _get(client, url) for _ in range(2)] == [(200, b"ok")] * 2
+            assert (len(connections), closed.qsize()) == (burst, 0)
+        finally:
+            server.close()
+
+    run(test, max_idle=2)
