@@ -88,6 +88,9 @@ class BodyRelay:
             pending.clear()
 
     def ended(self, error: BaseException | None) -> None:
+        # The connection may be back in the pool already: a client that fills up
+        # at the last write must not pause it, or the next exchange on it stalls.
+        self._upstream = None
         self.flush()
         # A result, never an exception, on the future: a relay cancelled after
         # the body failed would leave it unretrieved, which asyncio logs.

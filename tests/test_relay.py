@@ -554,3 +554,42 @@ def test_the_relay_writes_a_whole_chunk_as_it_arrived_to_a_chunked_client_only(
             response.release()
 
     run(test)
+
+
+class FillingClient(ClientRecorder):
+    """A client whose buffer fills at the body's last write, as a slow reader's
+    does: its protocol then pauses the relay (`BodyRelay.pause`)."""
+
+    relay: BodyRelay | None = None
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if data.endswith(b"!") and self.relay is not None:
+            self.relay.pause()
+
+
+def test_a_client_that_fills_up_at_the_end_leaves_the_connection_reading_in_the_pool() -> None:
+    # By the body's last write its connection is back in the pool: pausing it
+    # then would stall the next exchange on it, which nothing would resume.
+    async def test(client: UpstreamClient) -> None:
+        more = asyncio.Event()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        upstream = ScriptedUpstream(
+            [HEAD_CHUNKED, more, b"3\r\nend\r\n1\r\n!\r\n0\r\n\r\n"], [answer]
+        )
+        async with upstream as url:
+            response = await get(client, url)
+            out = FillingClient()
+            relay = out.relay = BodyRelay(out, Exchange(), None, None, asyncio.get_running_loop())  # type: ignore[arg-type]
+            running = asyncio.ensure_future(relay.run(response, ClientLink()))
+            await asyncio.sleep(0)  # bound to the reader now
+            more.set()
+            await running
+            assert b"".join(out.writes) == b"end!"
+            response.release()
+            following = await get(client, url)
+            assert await following.content.read() == b"ok"
+            following.release()
+        assert upstream.connections == 1
+
+    run(test)
