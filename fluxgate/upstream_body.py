@@ -57,10 +57,10 @@ class RelayResponseHandler(ResponseHandler):
     # A body handed to a sink (`stream_body`): its reader, the sink, and whether
     # the body is chunked.
     streaming: tuple[StreamReader, BodySink, bool] | None = None
-    # While a chunked body streams: whether its reads may skip the parser (set
-    # by `stream_body`); whether a chunk's size line has been parsed and its end
-    # not yet (from the parser's callbacks); and whether the parser has taken
-    # every byte so far and stands before a chunk-size line.
+    # While a body streams (set by `_swap`, read only then): whether its reads
+    # may skip the parser; whether a chunk's size line has been parsed and its
+    # end not yet (from the parser's callbacks); and whether the parser has
+    # taken every byte so far and stands before a chunk-size line.
     whole_chunks = False
     chunk_open = False
     between_chunks = False
@@ -225,7 +225,6 @@ def _unswap(protocol: RelayResponseHandler) -> BodySink:
     assert protocol.streaming is not None
     content, sink, chunked = protocol.streaming
     protocol.streaming = None
-    protocol.whole_chunks = protocol.chunk_open = protocol.between_chunks = False
     content.__class__ = StreamReader
     content._buffer = collections.deque()
     content._http_chunk_splits = collections.deque() if chunked else None
